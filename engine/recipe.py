@@ -1,0 +1,177 @@
+"""Recipes: a JSON object that replays a variant.
+
+    {"model": "default",
+     "calibration": {"source": "default", "samples": 8, "seq_len": 128, "seed": 0},
+     "steps": [{"op": "prune_blocks", "blocks": [10, 11]}]}
+
+Each step is a frozen dataclass registered under its `op` name (validated on construction, with an
+error naming the field). Block indices always refer to the original model's 0-based blocks. A step that
+resolves a choice at run time records what it resolved to (`resolved` in `apply`), so an exported
+recipe replays exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from .data import Calibration, calibration_ids
+from .errors import Cancelled, DataError, RecipeError
+from .loading import DEFAULT_MODEL, LoadedModel
+from .workspace import Variant
+
+RECIPE_VERSION = 1
+OPS: dict[str, type["Step"]] = {}
+# Modules that define steps; each registers its ops on import.
+OP_MODULES = ["prune"]
+
+
+def register(cls):
+    """Class decorator: make a Step subclass reachable by its `op` name."""
+    OPS[cls.op] = cls
+    return cls
+
+
+def _load_ops() -> None:
+    for name in OP_MODULES:
+        importlib.import_module(f"{__package__}.ops.{name}")
+
+
+@dataclass
+class OpContext:
+    """What a step may use: the loaded model, calibration, progress and cancellation."""
+
+    lm: LoadedModel
+    calibration: Calibration = field(default_factory=Calibration)
+    progress: Callable[[float, str], None] | None = None
+    cancel: threading.Event | None = None
+    _calib_ids: torch.Tensor | None = None
+
+    def calib_ids(self) -> torch.Tensor:
+        if self._calib_ids is None:
+            self._calib_ids = calibration_ids(self.lm.tokenizer, self.calibration).to(self.lm.device)
+        return self._calib_ids
+
+    def report(self, frac: float, msg: str) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("cancelled")
+        if self.progress is not None:
+            self.progress(frac, msg)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Base of all recipe steps. Subclasses set `op` and implement `apply`."""
+
+    op: ClassVar[str] = ""
+
+    def apply(self, ctx: OpContext, variant: Variant) -> tuple[Variant, dict, dict]:
+        """-> (new variant, report of what was measured, this step as resolved, for the recipe)."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        d = {"op": self.op}
+        d.update(dataclasses.asdict(self))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Step":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names - {"op"}
+        if unknown:
+            raise RecipeError(f"step '{cls.op}': unknown field(s) {sorted(unknown)}")
+        try:
+            return cls(**{k: v for k, v in d.items() if k != "op"})
+        except TypeError as e:
+            raise RecipeError(f"step '{cls.op}': {e}") from e
+
+
+def step_from_dict(d: Any) -> Step:
+    _load_ops()
+    if not isinstance(d, dict) or "op" not in d:
+        raise RecipeError(f"a step must be an object with an 'op' field, got {d!r}")
+    cls = OPS.get(d["op"])
+    if cls is None:
+        raise RecipeError(f"unknown op '{d['op']}' (known: {', '.join(sorted(OPS))})")
+    return cls.from_dict(d)
+
+
+@dataclass
+class Recipe:
+    model: str = DEFAULT_MODEL
+    calibration: Calibration = field(default_factory=Calibration)
+    steps: list[Step] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "recipe_version": RECIPE_VERSION,
+            "model": self.model,
+            "calibration": self.calibration.to_dict(),
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Recipe":
+        if not isinstance(d, dict):
+            raise RecipeError("a recipe must be a JSON object")
+        unknown = set(d) - {"recipe_version", "model", "calibration", "steps"}
+        if unknown:
+            raise RecipeError(f"unknown recipe field(s): {sorted(unknown)}")
+        steps = d.get("steps", [])
+        if not isinstance(steps, list):
+            raise RecipeError("'steps' must be a list")
+        try:
+            calib = Calibration.from_dict(d.get("calibration"))
+        except DataError as e:
+            raise RecipeError(str(e)) from e
+        return cls(model=str(d.get("model", DEFAULT_MODEL)), calibration=calib, steps=[step_from_dict(s) for s in steps])
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"no such recipe file: {p}")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"{p} is not valid JSON: {e}") from e
+
+
+def apply_steps(ctx: OpContext, variant: Variant, steps: list[Step], name: str | None = None) -> Variant:
+    """Apply steps in order; the original model is never touched. Reports accumulate on the variant."""
+    for k, step in enumerate(steps):
+        ctx.report(k / max(len(steps), 1), f"step {k + 1}/{len(steps)}: {step.op}")
+        new, report, resolved = step.apply(ctx, variant)
+        new.steps = list(variant.steps) + [resolved]
+        new.reports = list(variant.reports) + [report]
+        variant = new
+    if name:
+        variant.name = name
+    return variant
+
+
+def apply_recipe(lm: LoadedModel, recipe: Recipe, progress=None, cancel=None, name: str = "recipe") -> Variant:
+    from .workspace import original_variant
+
+    ctx = OpContext(lm=lm, calibration=recipe.calibration, progress=progress, cancel=cancel)
+    return apply_steps(ctx, original_variant(lm.num_blocks), recipe.steps, name=name)
+
+
+def variant_recipe(lm: LoadedModel, variant: Variant, calibration: Calibration) -> dict:
+    """The recipe (as resolved) that replays `variant` on `lm`."""
+    return {
+        "recipe_version": RECIPE_VERSION,
+        "model": lm.spec,
+        "calibration": calibration.to_dict(),
+        "steps": list(variant.steps),
+    }

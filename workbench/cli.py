@@ -1,0 +1,227 @@
+"""Headless CLI: the same engine as the app. The command names, flags and JSON shapes are a contract.
+
+    workbench [app] [--model M] [--host 127.0.0.1] [--port N]
+    workbench info --model M [--json]
+    workbench eval --model M [--recipe R] [--text FILE] [--seq-len N] [--max-tokens N] [--json]
+    workbench compress --model M --recipe R --out DIR [--overwrite]
+    workbench analyze <name> ...
+
+`--json` prints one JSON document on stdout (schema_version, the inputs used, units); progress and logs
+go to stderr. Bad input: one clear line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+
+SCHEMA_VERSION = 1
+EXIT_USER_ERROR = 2
+
+log = logging.getLogger("workbench")
+
+
+# ---- shared plumbing ------------------------------------------------------------------------------
+def stderr_progress(frac: float, msg: str) -> None:
+    print(f"[{frac * 100:5.1f}%] {msg}", file=sys.stderr, flush=True)
+
+
+def add_model_args(p: argparse.ArgumentParser, recipe: bool = True, calibration: bool = True) -> None:
+    p.add_argument("--model", default=None, help="default | local folder | file.gguf | hub id (default: default)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle .bin weights (runs code!)")
+    if recipe:
+        p.add_argument("--recipe", default=None, help="recipe JSON: analyse/evaluate the variant it makes")
+    if calibration:
+        p.add_argument("--text", default=None, help="text file for calibration/evaluation (default corpus)")
+        p.add_argument("--samples", type=int, default=None, help="calibration samples")
+        p.add_argument("--seq-len", type=int, default=None, help="tokens per sample")
+        p.add_argument("--seed", type=int, default=None, help="calibration sampling seed")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+
+def open_session(args, quiet_calibration: bool = False):
+    """Load the model and, if given, apply the recipe. -> (lm, variant, recipe, calibration)."""
+    from workbench.engine.data import Calibration
+    from workbench.engine.loading import load_model
+    from workbench.engine.recipe import Recipe, apply_steps, OpContext
+    from workbench.engine.workspace import original_variant
+
+    recipe = Recipe.from_file(args.recipe) if getattr(args, "recipe", None) else Recipe()
+    spec = args.model or recipe.model or "default"  # --model wins over the recipe's model
+    calib = recipe.calibration
+    over = {}
+    if getattr(args, "text", None):
+        over["source"] = args.text
+    for flag, key in (("samples", "samples"), ("seq_len", "seq_len"), ("seed", "seed")):
+        if getattr(args, flag, None) is not None:
+            over[key] = getattr(args, flag)
+    if over:
+        calib = Calibration(**{**calib.to_dict(), **over})
+    lm = load_model(spec, device=args.device, allow_pickle=args.allow_pickle, progress=stderr_progress)
+    variant = original_variant(lm.num_blocks)
+    if recipe.steps:
+        ctx = OpContext(lm=lm, calibration=calib, progress=stderr_progress)
+        variant = apply_steps(ctx, variant, recipe.steps, name="recipe")
+    recipe.model = spec
+    recipe.calibration = calib
+    return lm, variant, recipe, calib
+
+
+def document(command: str, args, lm, recipe, calibration, result: dict, units: dict) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "inputs": {
+            "model": lm.spec if lm is not None else getattr(args, "model", None),
+            "recipe": recipe.to_dict() if recipe is not None else None,
+            "recipe_file": getattr(args, "recipe", None),
+            "calibration": calibration.to_dict() if calibration is not None else None,
+            "device": str(lm.device) if lm is not None else getattr(args, "device", None),
+        },
+        "units": units,
+        "result": result,
+    }
+
+
+def _print_human(doc: dict) -> None:
+    def walk(prefix, obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}{k}.", v)
+        elif isinstance(obj, list) and len(obj) > 12:
+            print(f"{prefix[:-1]}: [{len(obj)} items] {json.dumps(obj[:12])[:-1]}, ...]")
+        else:
+            print(f"{prefix[:-1]}: {obj:.6g}" if isinstance(obj, float) else f"{prefix[:-1]}: {obj}")
+
+    walk("", doc["result"])
+
+
+# ---- commands ------------------------------------------------------------------------------------
+def cmd_info(args) -> dict:
+    from workbench.engine.loading import load_model
+
+    lm = load_model(args.model or "default", device=args.device, allow_pickle=args.allow_pickle, progress=stderr_progress)
+    return document("info", args, lm, None, None, lm.info(), {"parameters": "count", "bytes": "bytes"})
+
+
+def cmd_eval(args) -> dict:
+    from workbench.engine import eval as ev
+
+    lm, variant, recipe, calib = open_session(args)
+    source = calib.source
+    seq_len = args.seq_len or 256
+    result = ev.full_eval(lm, variant, source=source, seq_len=seq_len, max_tokens=args.max_tokens, progress=stderr_progress)
+    if variant.is_identity():
+        for k in ("kl", "top1"):
+            result.pop(k, None)
+    result["blocks_kept"] = len(variant.kept())
+    result["num_blocks"] = variant.num_blocks
+    units = {"ppl": "perplexity (exp mean NLL, nats)", "ppl_original": "perplexity", "kl": "nats per token",
+             "top1": "fraction of tokens", "nll": "nats per token", "tokens": "count", "parameters": "count",
+             "bytes": "bytes", "seconds": "s"}
+    return document("eval", args, lm, recipe, calib, result, units)
+
+
+def cmd_compress(args) -> dict:
+    from workbench.engine import eval as ev
+    from workbench.engine.export import export_variant
+    from workbench.engine.recipe import variant_recipe
+
+    lm, variant, recipe, calib = open_session(args)
+    t0 = time.perf_counter()
+    quick = ev.quick_eval(lm, variant)
+    metrics = {f"quick_{k}": v for k, v in quick.items() if k in ("kl", "top1", "ppl", "tokens")}
+    metrics.update({"parameters": quick["parameters"], "bytes": quick["bytes"]})
+    resolved = variant_recipe(lm, variant, calib)
+    out = export_variant(lm, variant, args.out, resolved, metrics=metrics, overwrite=args.overwrite, progress=stderr_progress)
+    result = {"out": str(out), "blocks_kept": len(variant.kept()), "dropped": variant.dropped(),
+              "replaced": variant.replaced(), "metrics": metrics, "reports": variant.reports,
+              "seconds": time.perf_counter() - t0}
+    return document("compress", args, lm, recipe, calib, result, {"bytes": "bytes", "quick_kl": "nats per token", "seconds": "s"})
+
+
+def cmd_app(args) -> int:
+    from workbench.app import launch
+
+    launch(model=args.model, host=args.host, port=args.port, device=args.device, allow_pickle=args.allow_pickle)
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description="Compression Workbench")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("app", help="launch the local web app")
+    p.add_argument("--model", default="default")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.set_defaults(func=cmd_app, returns_code=True)
+
+    p = sub.add_parser("info", help="architecture, blocks, parameters, device")
+    add_model_args(p, recipe=False, calibration=False)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval", help="perplexity (and KL / top-1 vs the original with a recipe)")
+    add_model_args(p)
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compress", help="apply a recipe and export a checkpoint")
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("analyze", help="block influence and the other analyses")
+    asub = p.add_subparsers(dest="analysis")
+    from . import commands
+
+    for name in commands.ANALYZE:
+        importlib.import_module(f"{commands.__name__}.{name}").add_parser(asub)
+    p.set_defaults(func=lambda a: p.error("choose an analysis"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    if not argv or argv[0].startswith("--model") or argv[0] in ("--host", "--port"):
+        argv = ["app", *argv]  # bare `workbench` launches the app
+    args = parser.parse_args(argv)
+    from workbench.engine.errors import WorkbenchError
+
+    try:
+        out = args.func(args)
+        if getattr(args, "returns_code", False):
+            return int(out or 0)
+        if getattr(args, "json", False):
+            json.dump(out, sys.stdout, indent=2, default=str)
+            sys.stdout.write("\n")
+        else:
+            _print_human(out)
+        return 0
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal error: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
