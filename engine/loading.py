@@ -245,12 +245,10 @@ def load_model(
             use_safetensors=None if allow_pickle else True,
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except ValueError as e:
+    except Exception as e:  # corrupt weights, wrong shapes, unknown classes: one clear line
         if "Unrecognized configuration" in str(e) or "does not support" in str(e):
             raise UnsupportedArchitecture(f"transformers cannot build {config.model_type!r} as a causal LM") from e
-        raise ModelLoadError(f"could not load {folder}: {e}") from e
-    except OSError as e:
-        raise ModelLoadError(f"could not load {folder}: {e}") from e
+        raise ModelLoadError(f"could not load {folder}: {type(e).__name__}: {e}") from e
     return wrap_model(model, tokenizer, spec=str(spec), name=name, source=str(folder), device=dev)
 
 
