@@ -1,0 +1,332 @@
+"""The `quantize` step: RTN or GPTQ weight quantization of the linears inside chosen blocks.
+
+    {"op": "quantize", "method": "gptq", "bits": 4, "group_size": 64, "sym": false,
+     "act_order": null, "blocks": [0, 1, 2]}
+
+Sequential calibration (the order of IST-DASLab/gptq, arXiv 2210.17323): the calibration ids are traced
+once; the hidden state is carried through the variant's blocks in order; each chosen block is copied,
+the Hessians H = X X^T / N of its linears are collected in one pass (linears reading the same tensor,
+q/k/v and gate/up, share one Hessian), every linear is solved, and the quantized block is re-run so its
+output feeds the next block. The solver lives in `gptq.py`; this module owns hooks, devices and swaps.
+
+A quantized block is a replacement module holding the dequantized weights (so every comparison runs at
+once, on any device). Each quantized linear carries `workbench_quant` (integer codes, scales, zero
+points, g_idx, scheme) for the compressed export; the block carries `workbench_nbytes`, its packed size,
+which `eval.size_of` reports. Several steps combine (mixed precision); a block quantized again is
+re-solved from the module it was quantized from, not from its dequantized weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..adapters import linear_weight, set_linear_weight
+from ..errors import RecipeError
+from ..hooks import BlockCall, hooks, run_block, slice_call, trace_blocks
+from ..recipe import OpContext, Step, register
+from ..workspace import DROP, Variant, block_modules, copy_block
+from . import gptq as solver
+
+log = logging.getLogger(__name__)
+
+METHODS = ("gptq", "rtn")
+CALIB_BATCH = 8  # calibration samples per forward: bounds activation memory on long calibrations
+
+
+@dataclass
+class QuantRecord:
+    """What the compressed export needs of one quantized linear (natural column order)."""
+
+    codes: torch.Tensor  # (out, in) uint8 in [0, 2^bits - 1]
+    scale: torch.Tensor  # (out, groups) float32
+    zero: torch.Tensor  # (out, groups) int16 in [0, 2^bits - 1]
+    g_idx: torch.Tensor  # (in,) int32
+    bits: int
+    group_size: int
+    sym: bool
+    act_order: str | None
+    method: str
+
+    def scheme(self) -> solver.Scheme:
+        return solver.Scheme(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order)
+
+
+def _tag(bits: int, group_size: int) -> str:
+    return f"quantized {bits}-bit " + ("per-channel" if group_size == -1 else f"g{group_size}")
+
+
+@register
+@dataclass(frozen=True)
+class Quantize(Step):
+    """Quantize the weights of every linear in `blocks` (original indices; empty: every kept block)."""
+
+    op = "quantize"
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 64
+    sym: bool = False
+    act_order: str | None = None
+    blocks: tuple = ()
+    damp: float = 0.01
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise RecipeError(f"step 'quantize': 'method' must be one of {METHODS}, got {self.method!r}")
+        if self.bits not in (2, 3, 4, 8) or isinstance(self.bits, bool):
+            raise RecipeError(f"step 'quantize': 'bits' must be 2, 3, 4 or 8, got {self.bits!r}")
+        if self.group_size not in (-1, 32, 64, 128) or isinstance(self.group_size, bool):
+            raise RecipeError(f"step 'quantize': 'group_size' must be -1, 32, 64 or 128, got {self.group_size!r}")
+        if not isinstance(self.sym, bool):
+            raise RecipeError(f"step 'quantize': 'sym' must be true or false, got {self.sym!r}")
+        if self.act_order not in solver.ACT_ORDERS:
+            raise RecipeError(
+                f"step 'quantize': 'act_order' must be one of static, weight, group or null, got {self.act_order!r}"
+            )
+        if self.method == "rtn" and self.act_order is not None:
+            raise RecipeError("step 'quantize': 'act_order' applies to method 'gptq' only (RTN has no column order)")
+        if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not 0 <= self.damp < 1:
+            raise RecipeError(f"step 'quantize': 'damp' must be a number in [0, 1), got {self.damp!r}")
+        if not isinstance(self.blocks, (list, tuple)) or not all(
+            isinstance(b, int) and not isinstance(b, bool) for b in self.blocks
+        ):
+            raise RecipeError(f"step 'quantize': 'blocks' must be a list of block indices, got {self.blocks!r}")
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+
+    def scheme(self) -> solver.Scheme:
+        return solver.Scheme(bits=self.bits, group_size=self.group_size, sym=self.sym,
+                             act_order=self.act_order, damp=float(self.damp))
+
+    def apply(self, ctx: OpContext, variant: Variant):
+        blocks = sorted(set(self.blocks)) if self.blocks else variant.kept()
+        variant.check_indices(blocks)
+        dropped = [b for b in blocks if variant.overrides.get(b) is DROP]
+        if dropped:
+            raise RecipeError(f"step 'quantize': block {dropped[0]} is dropped in this variant; it cannot be quantized")
+        new, report = quantize_blocks(ctx, variant, blocks, self.scheme(), self.method)
+        resolved = self.to_dict()
+        resolved["blocks"] = blocks
+        return new, report, resolved
+
+
+# ---- the driver ---------------------------------------------------------------------------------------
+def check_group_size(lm, variant: Variant, blocks: list[int], scheme: solver.Scheme) -> None:
+    """A group size must tile every chosen linear's input width: a clear error, never a wrong shape."""
+    if scheme.group_size == -1:
+        return
+    for _, i, name, mod in _linears_of(lm, variant, blocks):
+        cols = linear_weight(mod).shape[1]
+        if cols % scheme.group_size:
+            divisors = [g for g in (32, 64, 128) if cols % g == 0]
+            hint = f"use group_size {' or '.join(map(str, divisors))} or -1 (per channel)" if divisors else "use group_size -1 (per channel)"
+            raise RecipeError(
+                f"step 'quantize': group_size {scheme.group_size} does not divide the input width {cols} of "
+                f"blocks[{i}].{name}; {hint}"
+            )
+
+
+def _source_module(lm, variant: Variant, i: int) -> nn.Module:
+    """The module block i is quantized from: the current one, or the one a quantized block came from."""
+    o = variant.overrides.get(i)
+    m = lm.adapter.blocks(lm.model)[i] if o is None else o
+    return getattr(m, "workbench_quant_source", None) or m
+
+
+def _linears_of(lm, variant, blocks):
+    for i in blocks:
+        src = _source_module(lm, variant, i)
+        for name, mod in lm.adapter.linears(src).items():
+            yield src, i, name, mod
+
+
+class HessianCollector:
+    """Forward pre-hooks on a block's linears accumulating sum(x x^T) and the token count.
+
+    Linears that read the very same input tensor in a forward (q/k/v, gate/up) share one accumulator:
+    the tensors seen in the current forward are held (so their storage cannot be reused and mistaken
+    for another input) and looked up by storage pointer, shape and stride.
+    """
+
+    def __init__(self, linears: dict[str, nn.Module]):
+        self.linears = linears
+        self.sums: dict[str, torch.Tensor] = {}  # accumulator name -> (in, in) float32
+        self.counts: dict[str, int] = {}
+        self.owner: dict[str, str] = {}  # linear name -> accumulator name
+        self._seen: dict[tuple, str] = {}
+
+    def start_batch(self) -> None:
+        self._seen = {}
+
+    def _hook(self, name):
+        def pre(module, args):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+            hit = self._seen.get(key)
+            if hit is not None and hit[1] is x:
+                self.owner.setdefault(name, hit[0])
+                return
+            self._seen[key] = (name, x)
+            self.owner.setdefault(name, name)
+            x2 = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32, device=x2.device)
+                self.counts[name] = 0
+            self.sums[name].addmm_(x2.T, x2)
+            self.counts[name] += x2.shape[0]
+
+        return pre
+
+    def handles(self):
+        return [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
+
+    def hessian(self, name: str) -> torch.Tensor:
+        acc = self.owner[name]
+        return self.sums[acc] / max(self.counts[acc], 1)
+
+    def shared_groups(self) -> list[list[str]]:
+        groups: dict[str, list[str]] = {}
+        for n in self.linears:
+            groups.setdefault(self.owner.get(n, n), []).append(n)
+        return list(groups.values())
+
+
+def _run(block: nn.Module, hidden: torch.Tensor, call: BlockCall, on_batch=None) -> torch.Tensor:
+    """Run a block over the calibration batch in chunks of CALIB_BATCH samples."""
+    outs = []
+    for b0 in range(0, hidden.shape[0], CALIB_BATCH):
+        rows = slice(b0, b0 + CALIB_BATCH)
+        if on_batch is not None:
+            on_batch()
+        outs.append(run_block(block, hidden[rows], slice_call(call, rows)))
+    return torch.cat(outs, dim=0)
+
+
+def _param_bytes(module: nn.Module, skip: set[int]) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters() if id(p) not in skip)
+
+
+@torch.no_grad()
+def quantize_block(block: nn.Module, adapter, hidden: torch.Tensor, call: BlockCall, scheme: solver.Scheme,
+                   method: str, compare_rtn: bool = True) -> tuple[nn.Module, dict]:
+    """Quantize one block (a copy is made; `block` is not touched) on its calibration input `hidden`.
+
+    -> (replacement block, report). The report gives, per linear, the objective error of the method
+    and of RTN with the same scheme on the same Hessian, and the block's bits per weight and bytes.
+    """
+    q_block = copy_block(block)
+    linears = adapter.linears(q_block)
+    collector = HessianCollector(linears)
+    with hooks(*collector.handles()):
+        _run(q_block, hidden, call, on_batch=collector.start_batch)
+    collector.start_batch()  # release the held inputs
+
+    per_linear = {}
+    n_weights = 0
+    q_bytes = 0
+    orig_bytes = _param_bytes(block, set())
+    quantized_params: set[int] = set()
+    for name, mod in linears.items():
+        W = linear_weight(mod).detach()  # (out, in)
+        H = collector.hessian(name)
+        rtn_res = solver.rtn(W, scheme, hessian=H)
+        res = rtn_res if method == "rtn" else solver.gptq(W, H, scheme)
+        base = float(((W.double() @ H.double()) * W.double()).sum())
+        set_linear_weight(mod, res.weight)
+        mod.workbench_quant = QuantRecord(
+            codes=res.codes, scale=res.scale, zero=res.zero, g_idx=res.g_idx, bits=scheme.bits,
+            group_size=scheme.group_size, sym=scheme.sym, act_order=scheme.act_order, method=method,
+        )
+        rows, cols = W.shape
+        scale_bytes = mod.weight.element_size() if mod.weight.element_size() <= 4 else 4
+        nb = solver.packed_nbytes(rows, cols, scheme, scale_bytes=scale_bytes)
+        quantized_params.add(id(mod.weight))
+        n_weights += rows * cols
+        q_bytes += nb
+        entry = {
+            "shape": [rows, cols],
+            "error": res.error,
+            "rtn_error": rtn_res.error,
+            "relative_error": res.error / base if base > 0 else 0.0,
+            "rtn_relative_error": rtn_res.error / base if base > 0 else 0.0,
+            "bits_per_weight": 8 * nb / (rows * cols),
+            "hessian_shared_with": [n for g in collector.shared_groups() if name in g for n in g if n != name],
+            "tokens": collector.counts[collector.owner[name]],
+        }
+        if method == "gptq":
+            entry["gptq_error"] = res.error
+        per_linear[name] = entry
+    other = _param_bytes(q_block, quantized_params)
+    q_block.workbench_nbytes = q_bytes + other
+    report = {
+        "linears": per_linear,
+        "bits_per_weight": 8 * q_bytes / max(n_weights, 1),
+        "quantized_weights": n_weights,
+        "bytes_before": orig_bytes,
+        "bytes_after": q_block.workbench_nbytes,
+        "bytes_saved": orig_bytes - q_block.workbench_nbytes,
+    }
+    return q_block, report
+
+
+@torch.no_grad()
+def quantize_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme: solver.Scheme,
+                    method: str) -> tuple[Variant, dict]:
+    """Sequentially quantize `blocks` of `variant`. -> (new variant, report)."""
+    lm = ctx.lm
+    check_group_size(lm, variant, blocks, scheme)
+    t0 = time.perf_counter()
+    ids = ctx.calib_ids()
+    ctx.report(0.0, f"quantize: tracing {ids.numel()} calibration tokens")
+    trace = trace_blocks(lm.model, lm.adapter, ids)
+    todo = set(blocks)
+    # The variant's hidden state is exact from the first block that differs from the original.
+    first_changed = min([variant.first_change() if variant.first_change() is not None else blocks[0], blocks[0]])
+    h = trace.inputs[first_changed]
+    new = variant.derive()
+    per_block: dict[int, dict] = {}
+    done = 0
+    for i, module in block_modules(lm.model, lm.adapter, variant):
+        if i < first_changed:
+            continue
+        if i > max(todo):
+            break
+        call = trace.calls[i]
+        if i in todo:
+            ctx.report(done / len(blocks), f"quantize: block {i} ({method} {scheme.bits}-bit)")
+            src = _source_module(lm, variant, i)
+            q_block, rep = quantize_block(src, lm.adapter, h, call, scheme, method)
+            # A plain attribute (not a registered submodule): sizes and state dicts ignore it.
+            object.__setattr__(q_block, "workbench_quant_source", src)
+            new.overrides[i] = q_block
+            new.tags[i] = _tag(scheme.bits, scheme.group_size)
+            per_block[i] = rep
+            module = q_block  # sequential: the quantized output feeds the next block
+            done += 1
+        h = _run(module, h, call)
+    n_w = sum(r["quantized_weights"] for r in per_block.values())
+    bits_total = sum(r["bits_per_weight"] * r["quantized_weights"] for r in per_block.values())
+    report = {
+        "op": "quantize",
+        "method": method,
+        "scheme": {"bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym,
+                   "act_order": scheme.act_order, "damp": scheme.damp},
+        "blocks": {str(i): r for i, r in sorted(per_block.items())},
+        "total": {
+            "blocks": len(per_block),
+            "quantized_weights": n_w,
+            "bits_per_weight": bits_total / max(n_w, 1),
+            "bytes_before": sum(r["bytes_before"] for r in per_block.values()),
+            "bytes_after": sum(r["bytes_after"] for r in per_block.values()),
+            "bytes_saved": sum(r["bytes_saved"] for r in per_block.values()),
+            "error": sum(e["error"] for r in per_block.values() for e in r["linears"].values()),
+            "rtn_error": sum(e["rtn_error"] for r in per_block.values() for e in r["linears"].values()),
+        },
+        "calibration_tokens": int(ids.numel()),
+        "seconds": time.perf_counter() - t0,
+    }
+    ctx.report(1.0, f"quantize: {len(per_block)} blocks done")
+    return new, report
