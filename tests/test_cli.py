@@ -23,6 +23,7 @@ def run_cli(*args, timeout=600):
         (["info", "--model", "/nonexistent/m.gguf"], "no such GGUF file"),
         (["eval", "--recipe", "/nonexistent.json"], "no such recipe file"),
         (["info", "--device", "cuda:7"], "cuda:7"),
+        (["info", "--model", "no-such-org/no-such-model"], "could not get 'no-such-org/no-such-model'"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, needle, capsys):

@@ -30,6 +30,12 @@ def stderr_progress(frac: float, msg: str) -> None:
     print(f"[{frac * 100:5.1f}%] {msg}", file=sys.stderr, flush=True)
 
 
+def one_line(e: BaseException) -> str:
+    """The first line of an error message: bad input is reported as one clear line."""
+    lines = [s for s in str(e).splitlines() if s.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def add_model_args(p: argparse.ArgumentParser, recipe: bool = True, calibration: bool = True) -> None:
     p.add_argument("--model", default=None, help="default | local folder | file.gguf | hub id (default: default)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -211,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_human(out)
         return 0
     except WorkbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -219,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an internal error: still one line unless --debug
         if args.debug:
             raise
-        print(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"internal error: {type(e).__name__}: {one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
         return 1
 
 
