@@ -1,0 +1,200 @@
+"""Blocks panel: the per-block chart; click bars to select blocks, then prune, fuse or quantize them.
+
+The chart is a plotly figure drawn in a gr.HTML component by `assets/chart.js` with the plotly.js that
+ships inside the `plotly` package (no CDN); a bar click becomes the component's `click` event carrying
+`evt.block` (gr.Plot has no click event in Gradio 6).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gradio as gr
+
+from workbench.engine.analysis import influence
+from workbench.engine.errors import RecipeError
+
+TITLE = "Blocks"
+MODES = ["prune", "fuse", "quantize"]
+COLOURS = {"kept": "#4C78A8", "pending": "#E45756", "dropped": "#C9C9C9", "fused": "#F58518",
+           "quantized": "#54A24B", "sparse": "#B279A2", "changed": "#9D755D"}
+
+
+def _state_colour(state: str) -> str:
+    return next((c for word, c in COLOURS.items() if state.startswith(word)), COLOURS["changed"])
+
+
+def chart_figure(store, sid: str | None, metric: str, progress=None) -> dict:
+    """The plotly figure (plain JSON) of per-block scores, bars coloured by each block's state."""
+    if not sid or store.session(sid).spec is None:
+        return {"data": [], "layout": {"title": {"text": "load a model"}, "height": 340}}
+    scores = store.scores(sid, metric, progress=progress)
+    variant, pending = store.current(sid), set(store.pending(sid))
+    values = scores["values"]
+    top = max([v for v in values if v is not None] or [1.0]) or 1.0
+    xs, ys, colours, states, texts = [], [], [], [], []
+    for i, v in enumerate(values):
+        state = variant.block_state(i)
+        shown = "pending " + ("drop" if state == "kept" else f"({state})") if i in pending else state
+        xs.append(i)
+        ys.append(v if v is not None else 0.04 * top)  # dropped blocks: a stub bar, so they stay visible
+        colours.append(COLOURS["pending"] if i in pending else _state_colour(state))
+        states.append(shown)
+        texts.append("n/a" if v is None else f"{v:.4g}")
+    direction = "higher = more important" if scores.get("higher_is_more_important", True) else "lower = more important"
+    trace = {
+        "type": "bar", "x": xs, "y": ys, "customdata": xs, "marker": {"color": colours},
+        "text": states, "textposition": "none", "hovertext": texts,
+        "hovertemplate": f"block %{{x}}<br>%{{text}}<br>{metric}: %{{hovertext}}<extra></extra>",
+    }
+    layout = {
+        "height": 340, "margin": {"l": 50, "r": 10, "t": 40, "b": 40}, "bargap": 0.15,
+        "title": {"text": f"{influence.METRICS.get(metric, metric)} ({direction}); click bars to select", "font": {"size": 13}},
+        "xaxis": {"title": {"text": "block (original index)"}, "dtick": 1 if len(xs) <= 40 else None},
+        "yaxis": {"title": {"text": metric}}, "plot_bgcolor": "rgba(0,0,0,0)", "paper_bgcolor": "rgba(0,0,0,0)",
+    }
+    return {"data": [trace], "layout": layout}
+
+
+def chart_value(store, sid, metric, progress=None) -> str:
+    return json.dumps(chart_figure(store, sid, metric, progress))
+
+
+def selection_text(store, sid: str | None) -> str:
+    if not sid or store.session(sid).spec is None:
+        return ""
+    pend = store.pending(sid)
+    v = store.current(sid)
+    head = f"Current variant **{v.name}**: {len(v.kept())}/{v.num_blocks} blocks kept"
+    return head + (f" · selected: **{', '.join(map(str, pend))}**" if pend else " · no blocks selected")
+
+
+def preview_text(store, sid: str | None, mode: str) -> str:
+    """Quick figures of dropping the selected blocks (prune mode), before anything is applied."""
+    if mode != "prune" or not sid or store.session(sid).spec is None:
+        return ""
+    q = store.preview(sid)
+    if q is None:
+        return ""
+    return (f"Preview with the selection dropped: KL **{q['kl']:.4f}** nats/token · top-1 agreement "
+            f"**{q['top1'] * 100:.1f}%** (quick set, {q['tokens']} tokens; {q['seconds']:.2f} s)")
+
+
+def click(store, sid: str, metric: str, block: int) -> tuple[str, str]:
+    """Toggle block `block` (original index) in the pending selection."""
+    store.toggle(sid, int(block))
+    return chart_value(store, sid, metric), selection_text(store, sid)
+
+
+def clear(store, sid: str, metric: str) -> tuple[str, str, str]:
+    store.clear_pending(sid)
+    return chart_value(store, sid, metric), selection_text(store, sid), ""
+
+
+def step_for(mode: str, blocks: list[int], kept: list[int], rank: int = 8, steps: int = 50,
+             method: str = "gptq", bits: int = 4, group_size: int = 128) -> dict:
+    """The recipe step the Apply button makes from the mode, its options and the selection."""
+    blocks = sorted(int(b) for b in blocks)
+    if mode == "prune":
+        if not blocks:
+            raise RecipeError("select blocks to prune: click their bars in the chart")
+        return {"op": "prune_blocks", "blocks": blocks}
+    if mode == "fuse":
+        if not blocks:
+            raise RecipeError("select blocks to fuse: click their bars in the chart")
+        return {"op": "fuse_blocks", "blocks": blocks, "rank": int(rank), "steps": int(steps)}
+    if mode == "quantize":  # no selection: every kept block
+        return {"op": "quantize", "method": method, "bits": int(bits), "group_size": int(group_size),
+                "blocks": blocks or list(kept)}
+    raise RecipeError(f"unknown mode '{mode}'")
+
+
+def apply(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: int, group_size: int,
+          progress=gr.Progress()) -> tuple[str, str]:
+    """Apply the step to the current variant (a heavy, cancellable job). -> (status, changed token)."""
+    from workbench.app import PanelContext, progress_fn
+
+    step = step_for(mode, store.pending(sid), store.current(sid).kept(), rank, steps, method, bits, group_size)
+    cancel = store.begin_job(sid)
+    v = store.apply_step(sid, step, progress_fn(progress), cancel)
+    report = {k: val for k, val in (v.reports[-1] if v.reports else {}).items() if not isinstance(val, (list, dict))}
+    return f"Applied `{json.dumps(v.steps[-1])}` → variant **{v.name}**. Measured: `{json.dumps(report)}`", PanelContext.token()
+
+
+def undo(store, sid: str) -> tuple[str, str]:
+    from workbench.app import PanelContext
+
+    v = store.undo(sid)
+    return f"Undone: current variant is **{v.name}**.", PanelContext.token()
+
+
+def set_calibration(store, sid: str, metric: str, samples: int, seq_len: int, progress=gr.Progress()) -> str:
+    store.set_calibration(sid, int(samples), int(seq_len))
+    return chart_value(store, sid, metric, progress)
+
+
+def build(ctx) -> dict:
+    store, sid, g = ctx.store, ctx.session, ctx.guard
+    js = (Path(__file__).resolve().parent.parent / "assets" / "chart.js").read_text()
+    import plotly
+
+    js_url = str(Path(plotly.__file__).parent / "package_data" / "plotly.min.js")
+    gr.set_static_paths([js_url])  # adds to the app's static paths (served locally)
+    js = js.replace("__PLOTLY_URL__", f"/gradio_api/file={js_url}")
+    with gr.Row():
+        metric = gr.Dropdown([(d, k) for k, d in influence.METRICS.items()], value="bi", label="Metric", scale=3)
+        samples = gr.Number(8, label="Calibration samples", precision=0, minimum=1, maximum=256, scale=1)
+        seq_len = gr.Number(128, label="Tokens per sample", precision=0, minimum=8, maximum=4096, scale=1)
+    chart = gr.HTML(chart_value(store, None, "bi"), html_template='<div class="wb-chart"></div>', js_on_load=js,
+                    elem_id="wb-chart", min_height=340)
+    selection = gr.Markdown(elem_id="wb-selection")
+    preview = gr.Markdown(elem_id="wb-preview")
+    with gr.Row():
+        mode = gr.Radio(MODES, value="prune", label="Mode", scale=2)
+        rank = gr.Number(8, label="fuse: rank", precision=0, minimum=1, visible=False)
+        fsteps = gr.Number(50, label="fuse: steps", precision=0, minimum=0, visible=False)
+        method = gr.Dropdown(["gptq", "rtn"], value="gptq", label="quantize: method", visible=False)
+        bits = gr.Dropdown([2, 3, 4, 8], value=4, label="quantize: bits", visible=False)
+        group = gr.Dropdown([32, 64, 128, -1], value=128, label="quantize: group size", visible=False)
+    with gr.Row():
+        clear_b = gr.Button("Clear selection")
+        apply_b = gr.Button("Apply", variant="primary", elem_id="wb-apply")
+        cancel_b = gr.Button("Cancel job", variant="stop")
+        undo_b = gr.Button("Undo", elem_id="wb-undo")
+    status = gr.Markdown(elem_id="wb-status")
+
+    def on_mode(m):
+        return [gr.update(visible=m == "fuse")] * 2 + [gr.update(visible=m == "quantize")] * 3
+
+    mode.change(on_mode, mode, [rank, fsteps, method, bits, group], show_progress="hidden")
+    mode.change(g(lambda s, m: preview_text(store, s, m)), [sid, mode], preview, show_progress="hidden")
+    chart.click(g(_click_handler(store)),
+                [sid, metric], [chart, selection], show_progress="hidden").then(
+        g(lambda s, m: preview_text(store, s, m)), [sid, mode], preview, show_progress="hidden")
+    clear_b.click(g(lambda s, m: clear(store, s, m)), [sid, metric], [chart, selection, preview], show_progress="hidden")
+    apply_b.click(g(lambda s, *a, progress=gr.Progress(): apply(store, s, *a, progress=progress)),
+                  [sid, mode, rank, fsteps, method, bits, group], [status, ctx.changed], api_name="apply", **ctx.heavy)
+    cancel_b.click(g(lambda s: store.cancel(s)), sid, None, show_progress="hidden")
+    undo_b.click(g(lambda s: undo(store, s)), sid, [status, ctx.changed], api_name="undo", **ctx.heavy)
+    refresh = g(lambda s, m, progress=gr.Progress(): (chart_value(store, s, m, _pf(progress)), selection_text(store, s), ""))
+    metric.change(refresh, [sid, metric], [chart, selection, preview], **ctx.heavy)
+    ctx.changed.change(refresh, [sid, metric], [chart, selection, preview], **ctx.heavy)
+    for box in (samples, seq_len):
+        box.submit(g(lambda s, m, n, t, progress=gr.Progress(): set_calibration(store, s, m, n, t, progress)),
+                   [sid, metric, samples, seq_len], chart, **ctx.heavy)
+    return {"chart": chart, "metric": metric, "mode": mode, "selection": selection, "preview": preview,
+            "apply": apply_b, "undo": undo_b, "status": status, "samples": samples, "seq_len": seq_len}
+
+
+def _pf(progress):
+    from workbench.app import progress_fn
+
+    return progress_fn(progress)
+
+
+def _click_handler(store):
+    def on_click(sid: str, metric: str, evt: gr.EventData) -> tuple[str, str]:
+        return click(store, sid, metric, int(evt.block))
+
+    return on_click

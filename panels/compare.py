@@ -1,0 +1,203 @@
+"""Compare panel: the original and the current variant side by side, and all the session's variants."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from workbench.engine import eval as ev
+
+TITLE = "Compare"
+PROMPTS = Path(__file__).resolve().parent.parent / "assets" / "prompts.txt"
+NOISE = ("KL(original ‖ variant) and top-1 agreement are the headline; perplexity on a few hundred tokens is "
+         "noisy, so trust it only from the full evaluation.")
+
+
+def example_prompts() -> list[str]:
+    return [p.strip() for p in PROMPTS.read_text().splitlines() if p.strip()] if PROMPTS.is_file() else ["Hello!"]
+
+
+def _stream(lm, variant, prompt: str, max_new_tokens: int, out: dict):
+    """Yield the growing text of a greedy generation; `out` receives generate()'s measured figures."""
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    err: list[BaseException] = []
+
+    def run():
+        try:
+            out.update(ev.generate(lm, variant, prompt, max_new_tokens=max_new_tokens, streamer=streamer))
+        except BaseException as e:  # re-raised in the caller's thread below
+            err.append(e)
+            streamer.end()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text
+    t.join()
+    if err:
+        raise err[0]
+    yield out.get("text", text)
+
+
+def generate_pair(store, sid: str, prompt: str, max_new_tokens: int = 48):
+    """Stream (original text, variant text, speed line): the original first (cached per prompt)."""
+    lm, s = store.lm(sid), store.session(sid)
+    orig, cur = s.variants[0], store.current(sid)
+    key = ("gen", prompt, int(max_new_tokens))
+    fo = store.figures(sid, orig)
+    if key not in fo:
+        res: dict = {}
+        for text in _stream(lm, orig, prompt, int(max_new_tokens), res):
+            yield text, "…", ""
+        fo[key] = res
+        fo["tps"] = res["tokens_per_s"]
+    otext = fo[key]["text"]
+    if cur is orig:
+        yield otext, otext, speed_text(store, sid)
+        return
+    res = {}
+    for text in _stream(lm, cur, prompt, int(max_new_tokens), res):
+        yield otext, text, ""
+    store.figures(sid, cur)["tps"] = res["tokens_per_s"]
+    yield otext, res["text"], speed_text(store, sid)
+
+
+def speed_text(store, sid: str) -> str:
+    s = store.session(sid)
+    to, tv = store.figures(sid, s.variants[0]).get("tps"), store.figures(sid, s.current).get("tps")
+    if to is None or tv is None:
+        return ""
+    line = f"Generation speed: original **{to:.1f}** tokens/s · variant **{tv:.1f}** tokens/s"
+    if tv <= to * 1.05:
+        line += " — the variant is **not faster** on this device (e.g. dequantized or masked weights run at full cost)."
+    return line
+
+
+def figures_table(store, sid: str | None) -> str:
+    """Markdown table: original against the current variant on the quick set (and full, if run)."""
+    if not sid or store.session(sid).spec is None:
+        return "No model loaded yet."
+    s = store.session(sid)
+    orig, cur = s.variants[0], store.current(sid)
+    qo, qv = store.quick(sid, orig), store.quick(sid, cur)
+    fo, fv = store.figures(sid, orig), store.figures(sid, cur)
+    rows = [
+        ("blocks kept", f"{orig.num_blocks}", f"{len(cur.kept())}"),
+        ("parameters", f"{qo['parameters'] / 1e6:.2f} M", f"{qv['parameters'] / 1e6:.2f} M ({qv['parameters'] / qo['parameters']:.1%})"),
+        ("size", f"{qo['bytes'] / 2**20:.1f} MiB", f"{qv['bytes'] / 2**20:.1f} MiB ({qv['bytes'] / qo['bytes']:.1%})"),
+        ("KL(orig ‖ variant), quick", "0", f"**{qv['kl']:.4f}** nats/token"),
+        ("top-1 agreement, quick", "100%", f"**{qv['top1']:.1%}**"),
+        ("perplexity, quick (noisy)", f"{qo['ppl']:.2f}", f"{qv['ppl']:.2f}"),
+    ]
+    if "tps" in fo or "tps" in fv:
+        rows.append(("tokens/s (generation)", f"{fo.get('tps', float('nan')):.1f}", f"{fv.get('tps', float('nan')):.1f}"))
+    if "full" in fv:
+        f = fv["full"]
+        rows += [("perplexity, full", f"{f['ppl_original']:.2f}", f"{f['ppl']:.2f} ({f['tokens']} tokens)"),
+                 ("KL / top-1, full", "", f"{f['kl']:.4f} / {f['top1']:.1%}")]
+    head = f"**original** vs **{cur.name}** (quick set: {qv['tokens']} tokens, {qv['seconds']:.2f} s)\n\n"
+    table = "| | original | variant |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+    return head + table + f"\n\n{NOISE}"
+
+
+def variant_choices(store, sid: str | None) -> list[tuple[str, int]]:
+    if not sid or store.session(sid).spec is None:
+        return []
+    cur = store.current(sid)
+    out = []
+    for v in store.variants(sid):
+        q = store.quick(sid, v)
+        mark = " ◀ current" if v is cur else ""
+        out.append((f"{v.name}: {len(v.kept())}/{v.num_blocks} blocks, KL {q['kl']:.4f}, {q['bytes'] / 2**20:.0f} MiB{mark}", v.id))
+    return out
+
+
+def variants_plot(store, sid: str | None):
+    """One plot of all the session's variants: size (MiB) against quick KL."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    if sid and store.session(sid).spec is not None:
+        vs, cur = store.variants(sid), store.current(sid)
+        qs = [store.quick(sid, v) for v in vs]
+        fig.add_scatter(x=[q["bytes"] / 2**20 for q in qs], y=[q["kl"] for q in qs], mode="markers+text",
+                        text=[v.name for v in vs], textposition="top center",
+                        marker={"size": [16 if v is cur else 10 for v in vs],
+                                "color": ["#E45756" if v is cur else "#4C78A8" for v in vs]},
+                        hovertemplate="%{text}<br>%{x:.1f} MiB<br>KL %{y:.4f}<extra></extra>")
+    fig.update_layout(height=320, margin={"l": 50, "r": 10, "t": 30, "b": 40}, title="variants: size against quality",
+                      xaxis_title="size (MiB)", yaxis_title="KL(original ‖ variant), quick set (lower is better)")
+    return fig
+
+
+def refresh(store, sid: str | None):
+    choices = variant_choices(store, sid)
+    cur = store.current(sid).id if choices else None
+    return figures_table(store, sid), gr.update(choices=choices, value=cur), variants_plot(store, sid)
+
+
+def full_evaluation(store, sid: str, max_tokens: int, progress=gr.Progress()) -> str:
+    from workbench.app import progress_fn
+
+    store.begin_job(sid)
+    store.full_eval(sid, progress_fn(progress), max_tokens=int(max_tokens) if max_tokens else None)
+    return figures_table(store, sid)
+
+
+def switch(store, sid: str, variant_id: int) -> str:
+    from workbench.app import PanelContext
+
+    store.switch(sid, int(variant_id))
+    return PanelContext.token()
+
+
+def build(ctx) -> dict:
+    store, sid, g = ctx.store, ctx.session, ctx.guard
+    prompts = example_prompts()
+    with gr.Row():
+        prompt = gr.Dropdown(prompts, value=prompts[0], allow_custom_value=True, label="Prompt", scale=4)
+        max_new = gr.Number(48, label="New tokens", precision=0, minimum=1, maximum=512, scale=1)
+        auto = gr.Checkbox(True, label="Regenerate after every change", scale=1)
+        gen_b = gr.Button("Generate", variant="primary", scale=1)
+    with gr.Row():
+        out_o = gr.Textbox(label="Original (greedy)", lines=6, elem_classes="wb-gen", elem_id="wb-gen-original")
+        out_v = gr.Textbox(label="Current variant (greedy)", lines=6, elem_classes="wb-gen", elem_id="wb-gen-variant")
+    speed = gr.Markdown()
+    with gr.Row():
+        with gr.Column(scale=3):
+            table = gr.Markdown(figures_table(store, None), elem_id="wb-figures")
+        with gr.Column(scale=2):
+            plot = gr.Plot(show_label=False)
+    with gr.Row():
+        variants = gr.Dropdown([], label="Session variants", scale=4)
+        switch_b = gr.Button("Switch to", scale=1)
+        undo_b = gr.Button("Undo", scale=1)
+    with gr.Row():
+        max_tokens = gr.Number(4096, label="Full evaluation: max tokens", precision=0, minimum=256, scale=2)
+        full_b = gr.Button("Full evaluation", scale=1)
+        cancel_b = gr.Button("Cancel", variant="stop", scale=1)
+
+    def gen(s: str, p: str, n: int):
+        yield from generate_pair(store, s, p, n)
+
+    def auto_gen(s: str, a: bool, p: str, n: int):
+        if a and s and store.session(s).spec is not None:
+            yield from generate_pair(store, s, p, n)
+
+    gen_kw = {"concurrency_id": "generate", "concurrency_limit": 1, "show_progress": "minimal"}
+    gen_b.click(g(gen), [sid, prompt, max_new], [out_o, out_v, speed], api_name="generate", **gen_kw)
+    ctx.changed.change(g(lambda s: refresh(store, s)), sid, [table, variants, plot], show_progress="minimal").then(
+        g(auto_gen), [sid, auto, prompt, max_new], [out_o, out_v, speed], **gen_kw)
+    switch_b.click(g(lambda s, v: switch(store, s, v)), [sid, variants], ctx.changed, **ctx.heavy)
+    undo_b.click(g(lambda s: (store.undo(s), ctx.token())[1]), sid, ctx.changed, **ctx.heavy)
+    full_b.click(g(lambda s, m, progress=gr.Progress(): full_evaluation(store, s, m, progress)), [sid, max_tokens], table,
+                 api_name="full_eval", **ctx.heavy)
+    cancel_b.click(g(lambda s: store.cancel(s)), sid, None, show_progress="hidden")
+    return {"prompt": prompt, "original": out_o, "variant": out_v, "table": table, "plot": plot,
+            "variants": variants, "full_eval": full_b, "speed": speed}

@@ -1,0 +1,61 @@
+"""Model panel: choose the default model, a local folder, a GGUF file or a hub id; load; show facts."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from workbench.engine.errors import ModelLoadError
+
+TITLE = "Model"
+SOURCES = ["default", "local folder", "GGUF file", "hub id"]
+
+
+def spec_for(source: str, path: str) -> str:
+    """The model spec the engine understands, from the panel's two inputs."""
+    if source == "default":
+        return "default"
+    path = (path or "").strip()
+    if not path:
+        raise ModelLoadError(f"enter a {source} to load")
+    if source == "GGUF file" and not path.endswith(".gguf"):
+        raise ModelLoadError(f"{path} does not end in .gguf")
+    return path
+
+
+def describe(store, sid: str | None) -> str:
+    """Markdown facts of the session's model (architecture, blocks, parameters, size, device)."""
+    if not sid or store.session(sid).spec is None:
+        return "No model loaded yet."
+    info = store.lm(sid).info()
+    return (
+        f"**{info['name']}**  \n"
+        f"architecture `{info['architecture']}` (family {info['family']}, `{info['model_type']}`) · "
+        f"**{info['num_blocks']} blocks** (0..{info['num_blocks'] - 1}) · hidden size {info['hidden_size']}  \n"
+        f"{info['parameters'] / 1e6:.1f} M parameters · {info['bytes'] / 2**20:.1f} MiB as {info['dtype']} · "
+        f"device `{info['device']}`  \nsource: `{info['source']}`"
+    )
+
+
+def load(store, sid: str, source: str, path: str, progress=gr.Progress()) -> tuple[str, str]:
+    """Load (first load of a GGUF dequantizes it once, ~20 s) and attach to the session."""
+    from workbench.app import PanelContext, progress_fn
+
+    store.attach(sid, spec_for(source, path), progress_fn(progress))
+    return describe(store, sid), PanelContext.token()
+
+
+def build(ctx) -> dict:
+    store = ctx.store
+    with gr.Row():
+        source = gr.Radio(SOURCES, value="default", label="Model source", scale=2)
+        path = gr.Textbox(label="Path or hub id", placeholder="/path/to/folder, file.gguf or org/name", scale=3)
+        button = gr.Button("Load", variant="primary", scale=1)
+    gr.Markdown("The default is SmolLM2-135M-Instruct from a Q4_1 GGUF: its first load dequantizes it once "
+                "(about 20 s) and caches it; later loads take seconds. Pickle `.bin` weights need `--allow-pickle`.",
+                elem_classes="wb-note")
+    info = gr.Markdown(describe(store, None), elem_id="wb-model-info")
+
+    button.click(ctx.guard(lambda sid, src, p, progress=gr.Progress(): load(store, sid, src, p, progress)),
+                 inputs=[ctx.session, source, path], outputs=[info, ctx.changed], api_name="load_model", **ctx.heavy)
+    ctx.changed.change(ctx.guard(lambda sid: describe(store, sid)), inputs=ctx.session, outputs=info, show_progress="hidden")
+    return {"source": source, "path": path, "load": button, "info": info}

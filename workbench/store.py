@@ -1,0 +1,262 @@
+"""Session store: heavy state lives here, engine-side; a browser session holds only its id.
+
+One loaded model per model spec, shared by every session (loaded once, under a lock). Each session has
+its own variants, a pending block selection, an undo stack, a calibration choice and the figures
+measured for its variants. Panels call the methods below; they never touch the engine's objects
+directly except to read them.
+
+A job that fails or is cancelled leaves the session exactly as it was: the new variant is attached only
+after the step returned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workbench.engine import eval as ev
+from workbench.engine.data import Calibration, calibration_ids
+from workbench.engine.errors import RecipeError, WorkbenchError
+from workbench.engine.export import export_variant
+from workbench.engine.loading import DEFAULT_MODEL, LoadedModel, load_model
+from workbench.engine.recipe import OpContext, Recipe, apply_steps, step_from_dict, variant_recipe
+from workbench.engine.workspace import Variant, original_variant
+
+log = logging.getLogger(__name__)
+
+
+def _quiet(frac: float, msg: str) -> None:
+    log.info("%3.0f%% %s", frac * 100, msg)
+
+
+class SessionError(WorkbenchError):
+    """The browser session is unknown (expired) or has no model yet."""
+
+
+@dataclass
+class Session:
+    id: str
+    spec: str | None = None  # model spec; None until a model is attached
+    variants: list[Variant] = field(default_factory=list)
+    current: Variant | None = None
+    pending: set[int] = field(default_factory=set)
+    undo: list[Variant] = field(default_factory=list)
+    calibration: Calibration = field(default_factory=Calibration)
+    figures: dict[int, dict] = field(default_factory=dict)  # variant id -> {"quick": .., "full": .., "tps": ..}
+    scores: dict[tuple, dict] = field(default_factory=dict)  # (variant id, metric, calibration) -> scores
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class Store:
+    """Models shared by spec; sessions by id. Thread-safe for the operations the app performs."""
+
+    def __init__(self, default_model: str = DEFAULT_MODEL, device: str = "auto", allow_pickle: bool = False):
+        self.default_model = default_model
+        self.device = device
+        self.allow_pickle = allow_pickle
+        self._models: dict[str, LoadedModel] = {}
+        self._sessions: dict[str, Session] = {}
+        self._model_lock = threading.Lock()
+        self._lock = threading.Lock()
+
+    # ---- models ---------------------------------------------------------------------------------
+    def register_model(self, lm: LoadedModel, spec: str | None = None) -> str:
+        """Make an in-memory model (tests: a tiny one) available under `spec` (default: lm.spec)."""
+        spec = spec or lm.spec
+        with self._model_lock:
+            self._models[spec] = lm
+        return spec
+
+    def model(self, spec: str | None = None, progress=_quiet) -> LoadedModel:
+        spec = (spec or self.default_model).strip()
+        with self._model_lock:  # one load at a time; the second asker gets the cached model
+            lm = self._models.get(spec)
+            if lm is None:
+                lm = load_model(spec, device=self.device, allow_pickle=self.allow_pickle, progress=progress)
+                self._models[spec] = lm
+            return lm
+
+    def loaded_specs(self) -> list[str]:
+        return list(self._models)
+
+    # ---- sessions -------------------------------------------------------------------------------
+    def new_session(self) -> str:
+        sid = uuid.uuid4().hex
+        with self._lock:
+            self._sessions[sid] = Session(id=sid)
+        return sid
+
+    def drop_session(self, sid) -> None:
+        with self._lock:
+            self._sessions.pop(sid, None)
+
+    def session(self, sid: str | None) -> Session:
+        s = self._sessions.get(sid) if sid else None
+        if s is None:
+            raise SessionError("this browser session has expired: reload the page")
+        return s
+
+    def attach(self, sid: str, spec: str | None = None, progress=_quiet) -> LoadedModel:
+        """Load (or reuse) a model and make it the session's; a different model resets its variants."""
+        s = self.session(sid)
+        spec = (spec or self.default_model).strip()
+        lm = self.model(spec, progress)
+        if s.spec != spec or s.current is None:
+            root = original_variant(lm.num_blocks)
+            s.spec, s.variants, s.current = spec, [root], root
+            s.pending, s.undo, s.figures, s.scores = set(), [], {}, {}
+        return lm
+
+    def lm(self, sid: str) -> LoadedModel:
+        s = self.session(sid)
+        if s.spec is None:
+            raise SessionError("no model is loaded yet: load one in the Model tab")
+        return self.model(s.spec)
+
+    def current(self, sid: str) -> Variant:
+        self.lm(sid)
+        return self.session(sid).current
+
+    # ---- pending selection ----------------------------------------------------------------------
+    def toggle(self, sid: str, block: int) -> list[int]:
+        s = self.session(sid)
+        self.current(sid).check_indices([block])
+        s.pending ^= {int(block)}
+        return sorted(s.pending)
+
+    def clear_pending(self, sid: str) -> None:
+        self.session(sid).pending = set()
+
+    def pending(self, sid: str) -> list[int]:
+        return sorted(self.session(sid).pending)
+
+    def set_calibration(self, sid: str, samples: int, seq_len: int) -> Calibration:
+        s = self.session(sid)
+        s.calibration = Calibration(**{**s.calibration.to_dict(), "samples": int(samples), "seq_len": int(seq_len)})
+        return s.calibration
+
+    # ---- variants -------------------------------------------------------------------------------
+    def _push(self, s: Session, variant: Variant) -> Variant:
+        s.undo.append(s.current)
+        s.variants.append(variant)
+        s.current = variant
+        s.pending = set()
+        return variant
+
+    def apply_step(self, sid: str, step: dict, progress=_quiet, cancel: threading.Event | None = None) -> Variant:
+        """Apply one recipe step to the current variant; the new variant becomes current."""
+        return self.apply_steps(sid, [step], progress=progress, cancel=cancel)
+
+    def apply_steps(self, sid: str, steps: list[dict], progress=_quiet, cancel=None, base: Variant | None = None) -> Variant:
+        lm, s = self.lm(sid), self.session(sid)
+        parsed = [step_from_dict(d) for d in steps]  # validates before any work
+        ctx = OpContext(lm=lm, calibration=s.calibration, progress=progress, cancel=cancel or s.cancel)
+        start = base or s.current
+        new = apply_steps(ctx, start, parsed, name=f"v{len(s.variants)}")
+        new.parent = start.name
+        return self._push(s, new)
+
+    def undo(self, sid: str) -> Variant:
+        s = self.session(sid)
+        if not s.undo:
+            raise WorkbenchError("nothing to undo")
+        s.current = s.undo.pop()
+        s.pending = set()
+        return s.current
+
+    def switch(self, sid: str, variant_id: int) -> Variant:
+        s = self.session(sid)
+        for v in s.variants:
+            if v.id == int(variant_id):
+                if v is not s.current:
+                    s.undo.append(s.current)
+                    s.current, s.pending = v, set()
+                return v
+        raise WorkbenchError(f"no variant with id {variant_id} in this session")
+
+    def variants(self, sid: str) -> list[Variant]:
+        return list(self.session(sid).variants)
+
+    # ---- recipes and export ---------------------------------------------------------------------
+    def recipe_of(self, sid: str, variant: Variant | None = None) -> dict:
+        s = self.session(sid)
+        return variant_recipe(self.lm(sid), variant or s.current, s.calibration)
+
+    def import_recipe(self, sid: str, text: str, progress=_quiet, cancel=None) -> Variant:
+        """Replay a recipe JSON from the original model (the recipe's calibration is adopted)."""
+        try:
+            recipe = Recipe.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"the recipe is not valid JSON: {e}") from e
+        s = self.session(sid)
+        lm = self.lm(sid)
+        if recipe.model not in (s.spec, lm.spec):
+            log.warning("recipe names model %r; replaying it on the loaded model %r", recipe.model, s.spec)
+        old = s.calibration
+        s.calibration = recipe.calibration
+        try:
+            return self.apply_steps(sid, [st.to_dict() for st in recipe.steps], progress, cancel, base=s.variants[0])
+        except BaseException:
+            s.calibration = old
+            raise
+
+    def export(self, sid: str, out_dir: str, overwrite: bool = False, progress=_quiet) -> Path:
+        v = self.current(sid)
+        lm = self.lm(sid)
+        q = self.quick(sid, v)
+        metrics = {f"quick_{k}": q[k] for k in ("kl", "top1", "ppl", "tokens")}
+        metrics.update({"parameters": q["parameters"], "bytes": q["bytes"]})
+        full = self.session(sid).figures.get(v.id, {}).get("full")
+        if full:
+            metrics.update({f"full_{k}": full[k] for k in ("kl", "top1", "ppl", "ppl_original", "tokens") if k in full})
+        return export_variant(lm, v, out_dir, self.recipe_of(sid, v), metrics=metrics, overwrite=overwrite, progress=progress)
+
+    # ---- figures --------------------------------------------------------------------------------
+    def figures(self, sid: str, variant: Variant) -> dict:
+        return self.session(sid).figures.setdefault(variant.id, {})
+
+    def quick(self, sid: str, variant: Variant | None = None) -> dict:
+        """Quick-set figures of a variant (cached per variant: variants never change once made)."""
+        v = variant or self.current(sid)
+        f = self.figures(sid, v)
+        if "quick" not in f:
+            f["quick"] = ev.quick_eval(self.lm(sid), v)
+        return f["quick"]
+
+    def preview(self, sid: str) -> dict | None:
+        """Quick figures of the current variant with the pending blocks dropped (not kept as a variant)."""
+        s = self.session(sid)
+        pend = [b for b in s.pending if b in s.current.kept()]
+        if not pend:
+            return None
+        return ev.quick_eval(self.lm(sid), s.current.with_dropped(pend, name="preview"))
+
+    def full_eval(self, sid: str, progress=_quiet, cancel=None, max_tokens: int | None = 4096) -> dict:
+        v = self.current(sid)
+        res = ev.full_eval(self.lm(sid), v, max_tokens=max_tokens, progress=progress, cancel=cancel or self.session(sid).cancel)
+        self.figures(sid, v)["full"] = res
+        return res
+
+    def scores(self, sid: str, metric: str, progress=None, cancel=None) -> dict:
+        """Per-block scores of the current variant on the session's calibration ids (cached)."""
+        from workbench.engine.analysis import influence
+
+        s, lm = self.session(sid), self.lm(sid)
+        key = (s.current.id, metric, s.calibration)
+        if key not in s.scores:
+            ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device)
+            s.scores[key] = influence.block_scores(lm, s.current, ids, metric, progress=progress, cancel=cancel)
+        return s.scores[key]
+
+    # ---- cancellation ---------------------------------------------------------------------------
+    def begin_job(self, sid: str) -> threading.Event:
+        ev_ = self.session(sid).cancel
+        ev_.clear()
+        return ev_
+
+    def cancel(self, sid: str) -> None:
+        self.session(sid).cancel.set()
