@@ -85,7 +85,9 @@ def export_variant(
         except OSError as e:
             raise ExportError(f"could not write the export: {e}") from e
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
-        (tmp / "README.md").write_text(_card(lm, variant, recipe, metrics, notes or []))
+        # steps may leave a measured line for the card (e.g. the sparsity actually reached)
+        card_notes = [r["card"] for r in variant.reports if isinstance(r, dict) and r.get("card")]
+        (tmp / "README.md").write_text(_card(lm, variant, recipe, metrics, (notes or []) + card_notes))
         if metrics:
             (tmp / "workbench_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if progress:
