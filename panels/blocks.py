@@ -92,8 +92,8 @@ def clear(store, sid: str, metric: str) -> tuple[str, str, str]:
     return chart_value(store, sid, metric), selection_text(store, sid), ""
 
 
-def step_for(mode: str, blocks: list[int], kept: list[int], rank: int = 8, steps: int = 50,
-             method: str = "gptq", bits: int = 4, group_size: int = 128) -> dict:
+def step_for(mode: str, blocks: list[int], kept: list[int], rank: int = 8, steps: int = 40,
+             method: str = "gptq", bits: int = 4, group_size: int = 64) -> dict:
     """The recipe step the Apply button makes from the mode, its options and the selection."""
     blocks = sorted(int(b) for b in blocks)
     if mode == "prune":
@@ -153,10 +153,10 @@ def build(ctx) -> dict:
     with gr.Row():
         mode = gr.Radio(MODES, value="prune", label="Mode", scale=2)
         rank = gr.Number(8, label="fuse: rank", precision=0, minimum=1, visible=False)
-        fsteps = gr.Number(50, label="fuse: steps", precision=0, minimum=0, visible=False)
+        fsteps = gr.Number(40, label="fuse: steps", precision=0, minimum=0, visible=False)
         method = gr.Dropdown(["gptq", "rtn"], value="gptq", label="quantize: method", visible=False)
         bits = gr.Dropdown([2, 3, 4, 8], value=4, label="quantize: bits", visible=False)
-        group = gr.Dropdown([32, 64, 128, -1], value=128, label="quantize: group size", visible=False)
+        group = gr.Dropdown([32, 64, 128, -1], value=64, label="quantize: group size", visible=False)
     with gr.Row():
         clear_b = gr.Button("Clear selection")
         apply_b = gr.Button("Apply", variant="primary", elem_id="wb-apply")

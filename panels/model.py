@@ -10,10 +10,10 @@ TITLE = "Model"
 SOURCES = ["default", "local folder", "GGUF file", "hub id"]
 
 
-def spec_for(source: str, path: str) -> str:
-    """The model spec the engine understands, from the panel's two inputs."""
+def spec_for(source: str, path: str) -> str | None:
+    """The model spec the engine understands, from the panel's two inputs (None: the app's default)."""
     if source == "default":
-        return "default"
+        return None
     path = (path or "").strip()
     if not path:
         raise ModelLoadError(f"enter a {source} to load")
