@@ -92,6 +92,21 @@ def clear(store, sid: str, metric: str) -> tuple[str, str, str]:
     return chart_value(store, sid, metric), selection_text(store, sid), ""
 
 
+def suggest(store, sid: str, metric: str, k: int, progress=gr.Progress()) -> tuple[str, str, str]:
+    """Select the k blocks `removal_plan` would remove first by `metric` (iterative for mi and ppl)."""
+    from workbench.engine.data import calibration_ids
+    from workbench.app import progress_fn
+
+    lm, s = store.lm(sid), store.session(sid)
+    ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device)
+    plan = influence.removal_plan(lm, s.current, ids, metric, int(k), progress=progress_fn(progress),
+                                  cancel=store.begin_job(sid))
+    store.set_pending(sid, plan["order"])
+    how = "iteratively, re-scoring after each removal" if plan.get("iterative") else "ranked once"
+    note = f"Suggested by {metric} ({how}): remove {plan['order']} in that order."
+    return chart_value(store, sid, metric), selection_text(store, sid), note
+
+
 def step_for(mode: str, blocks: list[int], kept: list[int], rank: int = 8, steps: int = 40,
              method: str = "gptq", bits: int = 4, group_size: int = 64) -> dict:
     """The recipe step the Apply button makes from the mode, its options and the selection."""
@@ -162,6 +177,9 @@ def build(ctx) -> dict:
         apply_b = gr.Button("Apply", variant="primary", elem_id="wb-apply")
         cancel_b = gr.Button("Cancel job", variant="stop")
         undo_b = gr.Button("Undo", elem_id="wb-undo")
+    with gr.Row():
+        k = gr.Number(2, label="Suggest: how many blocks", precision=0, minimum=1, scale=1)
+        suggest_b = gr.Button("Select the k least important", scale=1)
     status = gr.Markdown(elem_id="wb-status")
 
     def on_mode(m):
@@ -180,8 +198,11 @@ def build(ctx) -> dict:
     refresh = g(lambda s, m, progress=gr.Progress(): (chart_value(store, s, m, _pf(progress)), selection_text(store, s), ""))
     metric.change(refresh, [sid, metric], [chart, selection, preview], **ctx.heavy)
     ctx.changed.change(refresh, [sid, metric], [chart, selection, preview], **ctx.heavy)
-    for box in (samples, seq_len):
-        box.submit(g(lambda s, m, n, t, progress=gr.Progress(): set_calibration(store, s, m, n, t, progress)),
+    suggest_b.click(g(lambda s, m, n, progress=gr.Progress(): suggest(store, s, m, n, progress)), [sid, metric, k],
+                    [chart, selection, status], **ctx.heavy).then(
+        g(lambda s, m: preview_text(store, s, m)), [sid, mode], preview, show_progress="hidden")
+    for box, event in ((samples, "submit"), (seq_len, "submit"), (samples, "blur"), (seq_len, "blur")):
+        getattr(box, event)(g(lambda s, m, n, t, progress=gr.Progress(): set_calibration(store, s, m, n, t, progress)),
                    [sid, metric, samples, seq_len], chart, **ctx.heavy)
     return {"chart": chart, "metric": metric, "mode": mode, "selection": selection, "preview": preview,
             "apply": apply_b, "undo": undo_b, "status": status, "samples": samples, "seq_len": seq_len}

@@ -155,6 +155,14 @@ def test_step_dicts_and_preview(store, sid):
     assert f"{q['kl']:.4f}" in preview and store.current(sid).is_identity()  # a preview makes no variant
 
 
+def test_suggest_selects_the_least_important_blocks(store, sid):
+    values = blocks.chart_figure(store, sid, "bi")["data"][0]["y"]
+    _, text, note = blocks.suggest(store, sid, "bi", 2, progress=_no_progress)
+    want = sorted(range(4), key=lambda i: values[i])[:2]
+    assert store.pending(sid) == sorted(want) and f"selected: **{', '.join(map(str, sorted(want)))}**" in text
+    assert str(want) in note and store.current(sid).is_identity()
+
+
 def test_quantize_from_the_panel_tags_blocks(store, sid):
     store.set_calibration(sid, 2, 32)
     store.toggle(sid, 0)

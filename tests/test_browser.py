@@ -62,6 +62,8 @@ def test_click_a_bar_compare_and_export(app_url, tmp_path):
             bars = page.locator("#wb-chart .bars .point path")
             bars.first.wait_for(timeout=60_000)
             assert bars.count() == 4
+            page.locator("#wb-apply").click()  # nothing selected: a message, not a dead page
+            page.get_by_text("select blocks to prune").first.wait_for(timeout=30_000)
             bars.nth(2).click(force=True)
             page.locator("#wb-selection").filter(has_text="selected: 2").wait_for(timeout=30_000)
             page.locator("#wb-preview").filter(has_text="Preview").wait_for(timeout=30_000)

@@ -128,6 +128,11 @@ class Store:
         s.pending ^= {int(block)}
         return sorted(s.pending)
 
+    def set_pending(self, sid: str, blocks) -> list[int]:
+        self.current(sid).check_indices(list(blocks))
+        self.session(sid).pending = {int(b) for b in blocks}
+        return self.pending(sid)
+
     def clear_pending(self, sid: str) -> None:
         self.session(sid).pending = set()
 
