@@ -2,9 +2,10 @@
 
 Integrated Gradients (Sundararajan, Taly & Yan, ICML 2017, arXiv 1703.01365), computed with captum's
 LayerIntegratedGradients on the token-embedding layer: the path runs from the embeddings of a baseline
-prompt (every token replaced by the pad/eos token) to the prompt's own embeddings, and the attribution of
+prompt (every token but the first replaced by the pad/eos token) to the prompt's own embeddings, and the attribution of
 token t is the sum over the hidden dimension of (e_t - e'_t) * the path-averaged gradient. Completeness
-promises sum_t attr_t = f(prompt) - f(baseline); captum reports the difference as the convergence delta.
+promises sum_t attr_t = f(prompt) - f(baseline); captum reports the difference as the convergence delta
+(near 0 on small models; on real LLMs the integrand is steep and the delta says how far the sum is off).
 
 f is the log-probability (default) or logit of one target token at the LAST position only, so the LM
 head runs on one position per path step. The same prompt, target and baseline are used for the original
