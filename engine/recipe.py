@@ -30,7 +30,7 @@ from .workspace import Variant
 RECIPE_VERSION = 1
 OPS: dict[str, type["Step"]] = {}
 # Modules that define steps; each registers its ops on import.
-OP_MODULES = ["prune", "quantize", "sparsify"]
+OP_MODULES = ["prune", "quantize", "fuse", "sparsify"]
 
 
 def register(cls):

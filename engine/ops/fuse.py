@@ -1,0 +1,414 @@
+"""FuseGPT fusion (Pei et al., arXiv 2411.14507; official code JarvisPei/FuseGPT): remove a block but
+recycle its weights into its neighbours through a few learned coefficients.
+
+One fusion of block b, on the current variant:
+1. group: the blocks the variant keeps within a window around b (default b-4 .. b+3 in kept positions,
+   clamped at the ends); the neighbours are the group without b;
+2. inject: every linear of b goes into the same-named linear of each neighbour,
+   W_eff = W + (P Q) ⊙ W_b with P = 0 (so step 0 is plain removal), see `fuse_linear.FuseLinear`;
+3. train: local distillation on calibration text: the teacher is the group's output with b present, the
+   student the group without b with injected weights, both fed the hidden states that the *current*
+   variant produces at the group's entry; MSE over the hidden dim, or KL of the next-token distributions
+   when the group ends at the variant's last block; Adam (coefficients at `lr`, norms/LoRA at
+   `lr_other`), cosine schedule, early stop;
+4. merge: fold into plain weights; the neighbours become replacement modules ("fused"), b is dropped.
+
+`k` mode picks b by Macro Influence, recomputed on the current variant before each fusion (FuseGPT's
+`--iterative`); `blocks` mode fuses the given original indices in the given order. The variant passed in
+is never modified: a cancelled job leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters import get_path, linear_weight, set_linear_weight
+from ..data import Calibration, calibration_ids
+from ..errors import BlockIndexError, RecipeError
+from ..hooks import BlockCall, run_block, trace_blocks
+from ..recipe import OpContext, Step, register
+from ..workspace import DROP, Variant, copy_block, current_block, view_model
+from .fuse_linear import COEF_MODES, FuseLinear
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+LOSSES = ("auto", "mse", "kl")
+
+
+# ---- pure helpers ---------------------------------------------------------------------------------
+def neighbour_window(kept: list[int], b: int, group: int) -> tuple[list[int], list[int]]:
+    """(group blocks including b, neighbours) for fusing b: ceil(group/2) kept blocks before b and
+    floor(group/2) after (7 -> b-4 .. b+3, FuseGPT's window), clamped at the ends, original indices."""
+    pos = kept.index(b)
+    before, after = (group + 1) // 2, group // 2
+    blocks = kept[max(0, pos - before) : pos + after + 1]
+    return blocks, [i for i in blocks if i != b]
+
+
+def group_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, head=None) -> torch.Tensor:
+    """MSE over the hidden dim (mean over tokens), or KL(teacher || student) of the next-token
+    distributions per token (`head` maps hidden states to logits)."""
+    if kind == "mse":
+        return F.mse_loss(student.float(), teacher.float())
+    logp_s = F.log_softmax(head(student).float(), dim=-1)  # (B, T, V)
+    with torch.no_grad():
+        logp_t = F.log_softmax(head(teacher).float(), dim=-1)
+    return (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean()
+
+
+def _int_tuple(value, name: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(b, int) and not isinstance(b, bool) for b in value):
+        raise RecipeError(f"step 'fuse_blocks': '{name}' must be a list of block indices, got {value!r}")
+    return tuple(value)
+
+
+# ---- the step -------------------------------------------------------------------------------------
+@register
+@dataclass(frozen=True)
+class FuseBlocks(Step):
+    """Fuse blocks into their neighbours (FuseGPT). Give `blocks` (original indices, fused in that
+    order) or `k` (the k lowest-Macro-Influence blocks, re-scored after each fusion)."""
+
+    op = "fuse_blocks"
+    blocks: tuple = ()
+    k: int = 0
+    group: int = 7  # neighbours per fusion (FuseGPT: 7, i.e. b-4 .. b+3)
+    rank: int = 8  # rank r of P Q ("lowrank"); the official code uses 128 on a GPU
+    coef: str = "lowrank"  # "lowrank" (P Q), "vector" (one scale per output row) or "full"
+    lora_rank: int = 0  # optional LoRA term on each neighbour weight (0 = none)
+    steps: int = 40  # optimiser steps per fused block (upper bound; early stop may end sooner)
+    samples: int = 8  # calibration windows for training
+    seq_len: int = 128
+    batch: int = 4  # windows per optimiser step
+    lr: float = 1e-2  # coefficients
+    lr_other: float = 1e-4  # norm gains / LoRA
+    train_norms: bool = True
+    loss: str = "auto"  # "auto": MSE, or KL where the group ends at the last block
+    patience: int = 10  # steps without a 0.1 % better (smoothed) loss before stopping; 0 = never
+    mi_samples: int = 2  # calibration windows (of the training ones) for Macro Influence in `k` mode
+    dtype: str = "fp32"  # "bf16": autocast the group's forward (CUDA)
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "blocks", _int_tuple(self.blocks, "blocks"))
+        ints = {"k": 0, "group": 1, "rank": 1, "lora_rank": 0, "steps": 0, "samples": 1, "seq_len": 2,
+                "batch": 1, "patience": 0, "mi_samples": 1, "seed": 0}
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise RecipeError(f"step 'fuse_blocks': '{name}' must be an integer >= {low}, got {v!r}")
+        for name in ("lr", "lr_other"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or math.isinf(v):
+                raise RecipeError(f"step 'fuse_blocks': '{name}' must be a non-negative number, got {v!r}")
+        if bool(self.blocks) == bool(self.k):
+            raise RecipeError("step 'fuse_blocks': give either 'blocks' (a list) or 'k' (how many), not both or neither")
+        if len(set(self.blocks)) != len(self.blocks):
+            raise RecipeError(f"step 'fuse_blocks': 'blocks' repeats an index: {list(self.blocks)}")
+        if self.coef not in COEF_MODES:
+            raise RecipeError(f"step 'fuse_blocks': 'coef' must be one of {COEF_MODES}, got {self.coef!r}")
+        if self.dtype not in DTYPES:
+            raise RecipeError(f"step 'fuse_blocks': 'dtype' must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.loss not in LOSSES:
+            raise RecipeError(f"step 'fuse_blocks': 'loss' must be one of {LOSSES}, got {self.loss!r}")
+
+    # ---- driver -----------------------------------------------------------------------------------
+    def apply(self, ctx: OpContext, variant: Variant):
+        lm = ctx.lm
+        n = len(self.blocks) or self.k
+        kept = variant.kept()
+        if self.blocks:
+            variant.check_indices(self.blocks)
+            gone = [b for b in self.blocks if b not in kept]
+            if gone:
+                raise BlockIndexError(f"step 'fuse_blocks': block {gone[0]} is already dropped in '{variant.name}'")
+        if n >= len(kept):
+            raise BlockIndexError(f"step 'fuse_blocks': cannot fuse {n} of the {len(kept)} blocks kept; keep at least one")
+        t0 = time.perf_counter()
+        calib = Calibration(source=ctx.calibration.source, samples=self.samples, seq_len=self.seq_len,
+                            seed=ctx.calibration.seed)
+        ids = calibration_ids(lm.tokenizer, calib).to(lm.device)
+        trace = trace_blocks(lm.model, lm.adapter, ids)  # h_0 and every block's call arguments
+        cur = variant.derive(f"{variant.name}+fused")
+        order, per_block = [], []
+        for t in range(n):
+            base = t / n
+            if self.blocks:
+                b, mi = self.blocks[t], None
+            else:
+                ctx.report(base, f"fuse {t + 1}/{n}: Macro Influence of {len(cur.kept())} blocks")
+                b, mi = self._lowest_mi(ctx, cur, ids[: self.mi_samples], base, 1 / n)
+            cur, rep = self._fuse_one(ctx, cur, b, trace, base, 1 / n, f"fuse {t + 1}/{n}")
+            rep["mi"] = mi
+            order.append(b)
+            per_block.append(rep)
+        ctx.report(1.0, f"fused {order}")
+        report = {
+            "op": self.op,
+            "blocks": order,
+            "blocks_before": len(kept),
+            "blocks_after": len(cur.kept()),
+            "per_block": per_block,
+            "seconds": time.perf_counter() - t0,
+            "tokens": int(ids.numel()),
+        }
+        resolved = self.to_dict()
+        resolved.update(blocks=order, k=0)
+        return cur, report, resolved
+
+    def _lowest_mi(self, ctx: OpContext, variant: Variant, ids, base: float, span: float) -> tuple[int, float]:
+        from ..analysis.influence import block_scores
+
+        def prog(frac, msg):
+            ctx.report(base + 0.2 * span * frac, f"Macro Influence: {msg}")
+
+        res = block_scores(ctx.lm, variant, ids, metric="mi", progress=prog, cancel=ctx.cancel)
+        vals = [(v, i) for i, v in enumerate(res["values"]) if v is not None]
+        v, i = min(vals) if res.get("higher_is_more_important", True) else max(vals)
+        return i, float(v)
+
+    @torch.no_grad()
+    def _group_input(self, lm, variant: Variant, trace, first: int) -> torch.Tensor:
+        """The hidden state the current variant feeds into original block `first`."""
+        h = trace.inputs[0]
+        for i in variant.kept():
+            if i == first:
+                return h
+            h = run_block(current_block(lm.model, lm.adapter, variant, i), h, trace.calls[i])
+        raise AssertionError(f"block {first} is not kept")
+
+    def _fuse_one(self, ctx: OpContext, variant: Variant, b: int, trace, base: float, span: float, label: str):
+        lm = ctx.lm
+        t0 = time.perf_counter()
+        kept = variant.kept()
+        group, neighbours = neighbour_window(kept, b, self.group)
+        if not neighbours:
+            raise BlockIndexError(f"step 'fuse_blocks': block {b} has no neighbour left to fuse into")
+        ends_last = group[-1] == kept[-1]
+        kind = self.loss if self.loss != "auto" else ("kl" if ends_last and lm.adapter.lm_head(lm.model) else "mse")
+        if kind == "kl" and not ends_last:
+            raise RecipeError("step 'fuse_blocks': loss 'kl' needs a group that ends at the last block")
+        x = self._group_input(lm, variant, trace, group[0])  # (N, T, d)
+        calls = {i: trace.calls[i] for i in group}
+        pruned = current_block(lm.model, lm.adapter, variant, b)
+        with torch.no_grad():
+            teacher = x
+            for i in group:
+                teacher = run_block(current_block(lm.model, lm.adapter, variant, i), teacher, calls[i])
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
+        students = [
+            (j, inject_block(lm.adapter, current_block(lm.model, lm.adapter, variant, j), pruned, self.coef,
+                             self.rank, self.lora_rank, self.train_norms, gen))
+            for j in neighbours
+        ]
+        head = (lambda h: lm.adapter.head(lm.model, h)) if kind == "kl" else None
+
+        n_rows = x.shape[0]
+
+        def forward(rows: slice) -> torch.Tensor:
+            h = x[rows]
+            with _autocast(lm.device, self.dtype):
+                for j, blk in students:
+                    h = run_block(blk, h, rows_call(calls[j], rows, n_rows))
+            return group_loss(h, teacher[rows], kind, head)
+
+        coef = [p for _, blk in students for m in blk.modules() if isinstance(m, FuseLinear) for p in m.coef_parameters()]
+        other = [p for _, blk in students for p in blk.parameters() if p.requires_grad and not any(p is c for c in coef)]
+        history = self._train(ctx, forward, coef, other, x.shape[0], base, span, f"{label}: block {b}")
+        with torch.no_grad():
+            loss_end = float(forward(slice(None)))
+        new = variant.derive(variant.name)
+        new.overrides[b] = DROP
+        new.tags.pop(b, None)
+        for j, blk in students:
+            new.overrides[j] = merge_block(lm.adapter, blk)
+            new.tags[j] = "fused"
+        return new, {
+            "block": b,
+            "group": group,
+            "neighbours": neighbours,
+            "loss": kind,
+            "loss_start": history["loss_start"],
+            "loss_end": loss_end,
+            "steps_run": history["steps_run"],
+            "history": history["history"],
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def _train(self, ctx: OpContext, forward, coef, other, n_rows: int, base: float, span: float, label: str) -> dict:
+        """Adam (betas 0.9/0.95 as FuseGPT) + cosine schedule over minibatches of rows; early stop when
+        the loss averaged over one pass of the data has not improved by 0.1 % for `patience` steps."""
+        groups = [{"params": coef, "lr": self.lr}]
+        if other:
+            groups.append({"params": other, "lr": self.lr_other})
+        opt = torch.optim.Adam(groups, betas=(0.9, 0.95), eps=1e-8)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.steps))
+        batch = min(self.batch, n_rows)
+        starts = list(range(0, n_rows - batch + 1, batch)) or [0]
+        window: list[float] = []
+        best, since = math.inf, 0
+        history: list[list[float]] = []
+        t_train = base + 0.2 * span if not self.blocks else base
+        with torch.no_grad():
+            loss_start = float(forward(slice(None)))
+        history.append([0, loss_start])
+        ctx.report(t_train, f"{label}: step 0/{self.steps} loss {loss_start:.4g}")
+        step = 0
+        for step in range(1, self.steps + 1):
+            s = starts[(step - 1) % len(starts)]
+            loss = forward(slice(s, s + batch))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            value = float(loss.detach())
+            history.append([step, value])
+            frac = t_train + (base + span - t_train) * step / max(1, self.steps)
+            ctx.report(min(frac, base + span), f"{label}: step {step}/{self.steps} loss {value:.4g}")
+            window = (window + [value])[-len(starts):]
+            if step >= len(starts):
+                smooth = sum(window) / len(window)
+                if smooth < best * (1 - 1e-3):
+                    best, since = smooth, 0
+                else:
+                    since += 1
+                if self.patience and since >= self.patience:
+                    break
+        return {"loss_start": loss_start, "history": history, "steps_run": step}
+
+
+# ---- injection and merge (module surgery on copies) ---------------------------------------------------
+def inject_block(adapter, neighbour: nn.Module, pruned: nn.Module, coef: str = "lowrank", rank: int = 8,
+                 lora_rank: int = 0, train_norms: bool = True, generator: torch.Generator | None = None) -> nn.Module:
+    """A copy of `neighbour` whose every linear is a FuseLinear(own weight, same-named weight of `pruned`).
+    Only the coefficients (and, with `train_norms`, the norm gains) require grad; `neighbour` is untouched."""
+    blk = copy_block(neighbour)
+    src = adapter.linears(pruned)
+    for name, mod in adapter.linears(blk).items():
+        add = src.get(name)
+        if add is None or not _plain_linear(mod) or not _plain_linear(add):
+            raise RecipeError(
+                f"step 'fuse_blocks': linear '{name}' is not a plain weight (quantized?); fuse before quantizing"
+            )
+        fl = FuseLinear(linear_weight(mod), getattr(mod, "bias", None), linear_weight(add),
+                        getattr(add, "bias", None), mode=coef, rank=rank, lora_rank=lora_rank, generator=generator)
+        fl.original = [mod]  # outside the module tree (a list): restored by merge_block
+        _set_path(blk, adapter.linear_paths[name], fl)
+    if train_norms:
+        for norm in adapter.norms(blk).values():
+            for p in norm.parameters():
+                p.requires_grad_(True)
+    return blk
+
+
+def merge_block(adapter, blk: nn.Module) -> nn.Module:
+    """Fold every FuseLinear of `blk` into its original module (plain weights, own orientation and
+    dtype), in place on `blk` (a copy made by inject_block); freeze everything. Returns `blk`."""
+    for path in adapter.linear_paths.values():
+        fl = get_path(blk, path)
+        if not isinstance(fl, FuseLinear):
+            continue
+        mod = fl.original[0]
+        w, bias = fl.merged()
+        set_linear_weight(mod, w)
+        if bias is not None:
+            mod.bias.data = bias.to(mod.bias.dtype)
+        _set_path(blk, path, mod)
+    for p in blk.parameters():
+        p.requires_grad_(False)
+    return blk
+
+
+# ---- small module helpers -------------------------------------------------------------------------
+def _plain_linear(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point()
+
+
+def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = get_path(root, parent_path)
+    setattr(parent, name, module)
+
+
+def rows_call(call: BlockCall, rows: slice, n_rows: int) -> BlockCall:
+    """The call arguments for rows `rows` of a batch of `n_rows`: only tensors that are per sample
+    (at least 2-D with n_rows in dim 0) are cut; (1, T) positions and (T,) vectors broadcast as they are."""
+    if rows == slice(None) or n_rows == 1:
+        return call
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == n_rows:
+            return v[rows]
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        if isinstance(v, dict):
+            return {k: cut(x) for k, x in v.items()}
+        return v
+
+    return BlockCall(tuple(cut(a) for a in call.args), {k: cut(v) for k, v in call.kwargs.items()})
+
+
+def _autocast(device: torch.device, dtype: str):
+    target = DTYPES[dtype]
+    return torch.autocast(device_type=device.type, dtype=target, enabled=target is not None)
+
+
+def fused_group_forward(blocks: list[nn.Module], x: torch.Tensor, calls: list[BlockCall]) -> torch.Tensor:
+    """Run blocks in order (a helper for tests and the bench)."""
+    for blk, call in zip(blocks, calls):
+        x = run_block(blk, x, call)
+    return x
+
+
+def gpu_self_check(device: str = "cuda") -> dict:
+    """For the lead on a GPU machine: fuse one block of a tiny random Llama in fp32 and in bf16 autocast
+    on `device`; both must lower the group loss, and the merged bf16 result must equal its unmerged
+    injected group (fp32 merge). -> {"ok", "fp32": (start, end), "bf16": (start, end), "seconds", ...}."""
+    import transformers as tf
+
+    from ..loading import wrap_model
+    from ..recipe import OpContext
+    from ..workspace import original_variant
+
+    class _Bytes:  # the calibration text as bytes: no tokenizer download
+        def __call__(self, text, add_special_tokens=True, return_tensors=None):
+            ids = list(text.encode("utf-8"))
+            return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = tf.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(8.0)
+    lm = wrap_model(model, _Bytes(), device=torch.device(device))
+    ctx = OpContext(lm=lm, calibration=Calibration(samples=8, seq_len=64))
+    out: dict = {"device": str(lm.device)}
+    ok = True
+    for dtype in ("fp32", "bf16"):
+        step = FuseBlocks(blocks=[2], group=4, steps=30, samples=8, seq_len=64, batch=4, lr=3e-2, loss="mse",
+                          patience=0, dtype=dtype)
+        v, rep, _ = step.apply(ctx, original_variant(6))
+        r = rep["per_block"][0]
+        out[dtype] = (r["loss_start"], r["loss_end"])
+        ok &= r["loss_end"] < 0.9 * r["loss_start"]
+        ids = calibration_ids(lm.tokenizer, ctx.calibration).to(lm.device)
+        with torch.no_grad():
+            logits = view_model(lm.model, lm.adapter, v)(input_ids=ids, use_cache=False).logits
+        ok &= bool(torch.isfinite(logits).all())
+        out[f"{dtype}_weights_on"] = str(next(v.overrides[1].parameters()).device)
+    out["ok"] = bool(ok)
+    out["seconds"] = time.perf_counter() - t0
+    return out
