@@ -13,12 +13,15 @@ from pathlib import Path
 import gradio as gr
 
 from workbench.engine.analysis import influence
-from workbench.engine.errors import RecipeError
+from workbench.engine.errors import Cancelled, RecipeError
 
 TITLE = "Blocks"
 MODES = ["prune", "fuse", "quantize"]
 COLOURS = {"kept": "#4C78A8", "pending": "#E45756", "dropped": "#C9C9C9", "fused": "#F58518",
            "quantized": "#54A24B", "sparse": "#B279A2", "changed": "#9D755D"}
+
+
+LEGEND = " ".join(f"<span style='color:{c}'>■</span> {w}" for w, c in COLOURS.items() if w != "changed")
 
 
 def _state_colour(state: str) -> str:
@@ -50,9 +53,12 @@ def chart_figure(store, sid: str | None, metric: str, progress=None) -> dict:
     }
     layout = {
         "height": 340, "margin": {"l": 50, "r": 10, "t": 40, "b": 40}, "bargap": 0.15,
-        "title": {"text": f"{influence.METRICS.get(metric, metric)} ({direction}); click bars to select", "font": {"size": 13}},
+        "title": {"text": f"{metric}: {direction}; click bars to select blocks", "font": {"size": 13}, "x": 0.01},
         "xaxis": {"title": {"text": "block (original index)"}, "dtick": 1 if len(xs) <= 40 else None},
-        "yaxis": {"title": {"text": metric}}, "plot_bgcolor": "rgba(0,0,0,0)", "paper_bgcolor": "rgba(0,0,0,0)",
+        "yaxis": {"title": {"text": f"{metric} ({scores.get('unit', '')})"}},
+        "plot_bgcolor": "rgba(0,0,0,0)", "paper_bgcolor": "rgba(0,0,0,0)",
+        "annotations": [{"text": LEGEND, "showarrow": False, "xref": "paper", "yref": "paper", "x": 1, "y": 1.02,
+                         "xanchor": "right", "yanchor": "bottom", "font": {"size": 11}}],
     }
     return {"data": [trace], "layout": layout}
 
@@ -99,8 +105,9 @@ def suggest(store, sid: str, metric: str, k: int, progress=gr.Progress()) -> tup
 
     lm, s = store.lm(sid), store.session(sid)
     ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device)
-    plan = influence.removal_plan(lm, s.current, ids, metric, int(k), progress=progress_fn(progress),
-                                  cancel=store.begin_job(sid))
+    with store.using(sid):
+        plan = influence.removal_plan(lm, s.current, ids, metric, int(k), progress=progress_fn(progress),
+                                      cancel=store.begin_job(sid))
     store.set_pending(sid, plan["order"])
     how = "iteratively, re-scoring after each removal" if plan.get("iterative") else "ranked once"
     note = f"Suggested by {metric} ({how}): remove {plan['order']} in that order."
@@ -132,7 +139,11 @@ def apply(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: 
 
     step = step_for(mode, store.pending(sid), store.current(sid).kept(), rank, steps, method, bits, group_size)
     cancel = store.begin_job(sid)
-    v = store.apply_step(sid, step, progress_fn(progress), cancel)
+    try:
+        v = store.apply_step(sid, step, progress_fn(progress), cancel)
+    except Cancelled:
+        gr.Warning("Cancelled: nothing was changed.")
+        return "Cancelled: the current variant is unchanged.", gr.skip()
     report = {k: val for k, val in (v.reports[-1] if v.reports else {}).items() if not isinstance(val, (list, dict))}
     return f"Applied `{json.dumps(v.steps[-1])}` → variant **{v.name}**. Measured: `{json.dumps(report)}`", PanelContext.token()
 

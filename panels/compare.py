@@ -8,6 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from workbench.engine import eval as ev
+from workbench.engine.errors import Cancelled
 
 TITLE = "Compare"
 PROMPTS = Path(__file__).resolve().parent.parent / "assets" / "prompts.txt"
@@ -19,16 +20,18 @@ def example_prompts() -> list[str]:
     return [p.strip() for p in PROMPTS.read_text().splitlines() if p.strip()] if PROMPTS.is_file() else ["Hello!"]
 
 
-def _stream(lm, variant, prompt: str, max_new_tokens: int, out: dict):
+def _stream(store, sid: str, variant, prompt: str, max_new_tokens: int, out: dict):
     """Yield the growing text of a greedy generation; `out` receives generate()'s measured figures."""
     from transformers import TextIteratorStreamer
 
+    lm = store.lm(sid)
     streamer = TextIteratorStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
     err: list[BaseException] = []
 
     def run():
         try:
-            out.update(ev.generate(lm, variant, prompt, max_new_tokens=max_new_tokens, streamer=streamer))
+            with store.using(sid):  # the model is shared: no other computation may run it meanwhile
+                out.update(ev.generate(lm, variant, prompt, max_new_tokens=max_new_tokens, streamer=streamer))
         except BaseException as e:  # re-raised in the caller's thread below
             err.append(e)
             streamer.end()
@@ -53,10 +56,11 @@ def generate_pair(store, sid: str, prompt: str, max_new_tokens: int = 48):
     fo = store.figures(sid, orig)
     if key not in fo:
         if "warm" not in fo:  # the first generation pays one-off costs; keep them out of tokens/s
-            ev.generate(lm, orig, prompt, max_new_tokens=2)
+            with store.using(sid):
+                ev.generate(lm, orig, prompt, max_new_tokens=2)
             fo["warm"] = True
         res: dict = {}
-        for text in _stream(lm, orig, prompt, int(max_new_tokens), res):
+        for text in _stream(store, sid, orig, prompt, int(max_new_tokens), res):
             yield text, "…", ""
         fo[key] = res
         fo["tps"] = res["tokens_per_s"]
@@ -65,7 +69,7 @@ def generate_pair(store, sid: str, prompt: str, max_new_tokens: int = 48):
         yield otext, otext, speed_text(store, sid)
         return
     res = {}
-    for text in _stream(lm, cur, prompt, int(max_new_tokens), res):
+    for text in _stream(store, sid, cur, prompt, int(max_new_tokens), res):
         yield otext, text, ""
     store.figures(sid, cur)["tps"] = res["tokens_per_s"]
     yield otext, res["text"], speed_text(store, sid)
@@ -147,7 +151,10 @@ def full_evaluation(store, sid: str, max_tokens: int, progress=gr.Progress()) ->
     from workbench.app import progress_fn
 
     store.begin_job(sid)
-    store.full_eval(sid, progress_fn(progress), max_tokens=int(max_tokens) if max_tokens else None)
+    try:
+        store.full_eval(sid, progress_fn(progress), max_tokens=int(max_tokens) if max_tokens else None)
+    except Cancelled:
+        gr.Warning("Full evaluation cancelled.")
     return figures_table(store, sid)
 
 

@@ -89,6 +89,18 @@ def test_failed_or_cancelled_job_leaves_the_session_as_it_was(store, sid):
     assert "full" not in store.figures(sid, store.current(sid))
 
 
+def test_model_use_is_serialised(store, sid):
+    """Hooks on the shared model fire in every thread: a second computation waits for the first."""
+    store.toggle(sid, 1)
+    done = threading.Event()
+    with store.using(sid):
+        t = threading.Thread(target=lambda: (store.preview(sid), done.set()))
+        t.start()
+        assert not done.wait(0.5)
+    t.join(30)
+    assert done.is_set()
+
+
 def test_quick_figures_match_a_full_forward_of_the_variant(store, sid):
     """The cached quick evaluation (run from the first changed block) against a naive full forward."""
     lm = store.lm(sid)
@@ -171,6 +183,15 @@ def test_quantize_from_the_panel_tags_blocks(store, sid):
     assert v.block_state(0).startswith("quantized") and v.kept() == [0, 1, 2, 3]
     bar = blocks.chart_figure(store, sid, "bi")["data"][0]
     assert bar["marker"]["color"][0] == blocks.COLOURS["quantized"]
+
+
+def test_cancel_from_the_panel_leaves_the_variant(store, sid):
+    store.set_calibration(sid, 2, 32)
+    before = (store.current(sid), len(store.variants(sid)))
+    status, token = blocks.apply(store, sid, "quantize", 8, 40, "rtn", 8, 32,
+                                 progress=lambda *a, **k: store.cancel(sid))  # "Cancel" pressed mid-job
+    assert status.startswith("Cancelled") and not isinstance(token, str)
+    assert (store.current(sid), len(store.variants(sid))) == before
 
 
 def test_guard_turns_workbench_errors_into_messages():

@@ -20,6 +20,10 @@ called inside its own `gr.Tab` (title: the module's `TITLE`, else the name capit
   page; works for plain and generator handlers.
 - `ctx.components`: the components of panels built before this one, by panel name (read-only use).
 
+The model is shared by all sessions and hooks registered on it fire in every thread: any engine call that
+runs the model (an analysis, a generation) must hold it, `with ctx.store.using(sid) as lm: ...`. The
+store's own methods (apply_step, quick, scores, full_eval, export, ...) already do.
+
 Handlers are plain functions with typed parameters that tests call without a browser; long work takes
 `progress=gr.Progress()` and yields. Keep panel files short. Block indices shown are always the
 original model's 0-based indices.

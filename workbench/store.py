@@ -11,6 +11,7 @@ after the step returned.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -61,6 +62,7 @@ class Store:
         self._models: dict[str, LoadedModel] = {}
         self._sessions: dict[str, Session] = {}
         self._model_lock = threading.Lock()
+        self._use_locks: dict[str, threading.RLock] = {}
         self._lock = threading.Lock()
 
     # ---- models ---------------------------------------------------------------------------------
@@ -82,6 +84,16 @@ class Store:
 
     def loaded_specs(self) -> list[str]:
         return list(self._models)
+
+    @contextlib.contextmanager
+    def using(self, sid: str):
+        """Hold the session's model for a computation. Hooks (block traces) are registered on the shared
+        model's modules and fire in every thread, so two computations must never run it at once."""
+        spec = self.session(sid).spec
+        with self._model_lock:
+            lock = self._use_locks.setdefault(spec, threading.RLock())
+        with lock:
+            yield self.lm(sid)
 
     # ---- sessions -------------------------------------------------------------------------------
     def new_session(self) -> str:
@@ -161,7 +173,8 @@ class Store:
         parsed = [step_from_dict(d) for d in steps]  # validates before any work
         ctx = OpContext(lm=lm, calibration=s.calibration, progress=progress, cancel=cancel or s.cancel)
         start = base or s.current
-        new = apply_steps(ctx, start, parsed, name=f"v{len(s.variants)}")
+        with self.using(sid):
+            new = apply_steps(ctx, start, parsed, name=f"v{len(s.variants)}")
         new.parent = start.name
         return self._push(s, new)
 
@@ -218,7 +231,8 @@ class Store:
         full = self.session(sid).figures.get(v.id, {}).get("full")
         if full:
             metrics.update({f"full_{k}": full[k] for k in ("kl", "top1", "ppl", "ppl_original", "tokens") if k in full})
-        return export_variant(lm, v, out_dir, self.recipe_of(sid, v), metrics=metrics, overwrite=overwrite, progress=progress)
+        with self.using(sid):
+            return export_variant(lm, v, out_dir, self.recipe_of(sid, v), metrics=metrics, overwrite=overwrite, progress=progress)
 
     # ---- figures --------------------------------------------------------------------------------
     def figures(self, sid: str, variant: Variant) -> dict:
@@ -229,7 +243,8 @@ class Store:
         v = variant or self.current(sid)
         f = self.figures(sid, v)
         if "quick" not in f:
-            f["quick"] = ev.quick_eval(self.lm(sid), v)
+            with self.using(sid) as lm:
+                f["quick"] = ev.quick_eval(lm, v)
         return f["quick"]
 
     def preview(self, sid: str) -> dict | None:
@@ -238,11 +253,13 @@ class Store:
         pend = [b for b in s.pending if b in s.current.kept()]
         if not pend:
             return None
-        return ev.quick_eval(self.lm(sid), s.current.with_dropped(pend, name="preview"))
+        with self.using(sid) as lm:
+            return ev.quick_eval(lm, s.current.with_dropped(pend, name="preview"))
 
     def full_eval(self, sid: str, progress=_quiet, cancel=None, max_tokens: int | None = 4096) -> dict:
         v = self.current(sid)
-        res = ev.full_eval(self.lm(sid), v, max_tokens=max_tokens, progress=progress, cancel=cancel or self.session(sid).cancel)
+        with self.using(sid) as lm:
+            res = ev.full_eval(lm, v, max_tokens=max_tokens, progress=progress, cancel=cancel or self.session(sid).cancel)
         self.figures(sid, v)["full"] = res
         return res
 
@@ -254,7 +271,8 @@ class Store:
         key = (s.current.id, metric, s.calibration)
         if key not in s.scores:
             ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device)
-            s.scores[key] = influence.block_scores(lm, s.current, ids, metric, progress=progress, cancel=cancel)
+            with self.using(sid):
+                s.scores[key] = influence.block_scores(lm, s.current, ids, metric, progress=progress, cancel=cancel)
         return s.scores[key]
 
     # ---- cancellation ---------------------------------------------------------------------------
