@@ -192,7 +192,7 @@ def calibration_pass(
     n = ids.shape[0]
     with hooks(*handles):
         for start in range(0, n, batch_size):
-            if cancel is not None and cancel():
+            if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
                 from ..errors import Cancelled
 
                 raise Cancelled("analysis cancelled")

@@ -1,0 +1,121 @@
+"""Outliers panel: per-head no-op scores (layers x heads heatmap; click a head to open its attention map
+on the prompt of the Attention tab's default) and activation inf-norm / kurtosis per block and module
+(Quantizable Transformers), with the blocks `outlier_blocks` flags for quantization."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gradio as gr
+import plotly.graph_objects as go
+
+from workbench.engine.analysis.outliers import MODULE_LABELS, MODULES, outlier_blocks, outlier_stats_cached
+
+TITLE = "Outliers"
+HEAD_CODE = 1000  # a heatmap cell's customdata = block * HEAD_CODE + head (the click bridge sends one number)
+
+
+def noop_figure(stats: dict, score: str = "noop_first") -> dict:
+    """Layers x heads heatmap of a no-op score as plotly JSON (drawn by the click bridge)."""
+    rows = [(i, v) for i, v in enumerate(stats[score]) if v is not None]
+    if not rows:
+        return {"data": [], "layout": {"title": {"text": "no delimiter was visible to any query"}, "height": 300}}
+    z = [v for _, v in rows]
+    blocks = [i for i, _ in rows]
+    H = len(z[0])
+    code = [[i * HEAD_CODE + h for h in range(H)] for i in blocks]
+    what = "first token" if score == "noop_first" else "delimiters (. , ; : newline ...)"
+    trace = {"type": "heatmap", "z": z, "x": list(range(H)), "y": blocks, "customdata": code, "colorscale": "Magma",
+             "zmin": 0, "zmax": 1, "hovertemplate": "block %{y}, head %{x}<br>mass %{z:.3f}<extra></extra>"}
+    layout = {"height": max(300, 18 * len(blocks) + 90), "margin": {"l": 60, "r": 10, "t": 40, "b": 40},
+              "title": {"text": f"No-op score: mean attention mass on the {what} (queries t >= 1); click a head to open its map",
+                        "font": {"size": 12}},
+              "xaxis": {"title": {"text": "head"}, "dtick": 1}, "yaxis": {"title": {"text": "block (original index)"}, "dtick": 1,
+                                                                         "autorange": "reversed"}}
+    return {"data": [trace], "layout": layout}
+
+
+def norms_figure(stats: dict) -> go.Figure:
+    """Inf-norm and kurtosis per block, one line per module, log scale."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("inf-norm ||x||∞ (mean over samples)", "kurtosis μ4/σ⁴ (Gaussian = 3)"))
+    for m in MODULES:
+        xs = [i for i, v in enumerate(stats["inf_norm"][m]) if v is not None]
+        fig.add_trace(go.Scatter(x=xs, y=[stats["inf_norm"][m][i] for i in xs], name=MODULE_LABELS[m], legendgroup=m,
+                                 mode="lines+markers"), 1, 1)
+        fig.add_trace(go.Scatter(x=xs, y=[stats["kurtosis"][m][i] for i in xs], name=MODULE_LABELS[m], legendgroup=m,
+                                 mode="lines+markers", showlegend=False), 1, 2)
+    fig.update_yaxes(type="log")
+    fig.update_xaxes(title_text="block (original index)")
+    fig.update_layout(height=360, margin={"l": 50, "r": 10, "t": 40, "b": 40},
+                      title={"text": f"{stats['variant']}: {stats['samples']} calibration samples x {stats['seq_len']} tokens",
+                             "font": {"size": 12}})
+    return fig
+
+
+def summary_text(stats: dict) -> str:
+    flagged = outlier_blocks(stats)
+    lines = [f"**Blocks with activation outliers** (for quantization): "
+             + (", ".join(f"{f['block']} ({'/'.join(f['modules'])})" for f in flagged) or "none")]
+    rows = ["| block | residual top dims (max abs, x median) |", "|---|---|"]
+    for i, dims in enumerate(stats["top_dims"]["residual"]):
+        if dims:
+            rows.append(f"| {i} | " + ", ".join(f"{d['dim']} ({d['max_abs']:.3g}, x{d['x_median']:.0f})" for d in dims[:4]) + " |")
+    return "\n".join(lines) + "\n\n" + "\n".join(rows)
+
+
+def compute(store, sid, score: str, progress=None):
+    """-> (no-op heatmap JSON, norms figure, summary markdown) for the current variant."""
+    from workbench.engine.data import calibration_ids
+
+    lm, s = store.lm(sid), store.session(sid)
+    ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device)
+    stats = outlier_stats_cached(lm, s.current, ids, progress=progress, cancel=store.begin_job(sid))
+    return json.dumps(noop_figure(stats, score)), norms_figure(stats), summary_text(stats)
+
+
+def open_head(store, sid, code: int):
+    """The attention map of the clicked head on the default prompt (current variant)."""
+    from workbench.engine.analysis.attention import cached_attention
+
+    from .attention import head_figure, pagerank_figure
+
+    block, head = divmod(int(code), HEAD_CODE)
+    cap, rep = cached_attention(store.lm(sid), store.current(sid), None)
+    pos = cap.blocks.index(block)
+    return head_figure(cap, pos, head), pagerank_figure(cap, rep, pos, head)
+
+
+def build(ctx) -> dict:
+    import plotly
+
+    from workbench.app import progress_fn
+
+    store, sid, g = ctx.store, ctx.session, ctx.guard
+    js = (Path(__file__).resolve().parent.parent / "assets" / "chart.js").read_text()
+    js_url = str(Path(plotly.__file__).parent / "package_data" / "plotly.min.js")
+    js = js.replace("__PLOTLY_URL__", f"/gradio_api/file={js_url}")
+    with gr.Row():
+        score = gr.Radio([("first token", "noop_first"), ("delimiters", "noop_delim")], value="noop_first",
+                         label="No-op score")
+        go_b = gr.Button("Compute on calibration data", variant="primary")
+    heat = gr.HTML(json.dumps(noop_figure({"noop_first": []})), html_template='<div class="wb-chart"></div>',
+                   js_on_load=js, min_height=300)
+    with gr.Row():
+        hmap = gr.Plot(label="Clicked head")
+        bars = gr.Plot(label="Its PageRank")
+    norms = gr.Plot(label="Inf-norm and kurtosis")
+    summary = gr.Markdown()
+
+    def run(s, sc, progress=gr.Progress()):
+        return compute(store, s, sc, progress_fn(progress))
+
+    def clicked(s, evt: gr.EventData):
+        return open_head(store, s, int(evt.block))
+
+    go_b.click(g(run), [sid, score], [heat, norms, summary], **ctx.heavy)
+    score.change(g(run), [sid, score], [heat, norms, summary], show_progress="hidden")
+    heat.click(g(clicked), sid, [hmap, bars], **ctx.heavy)
+    return {"heatmap": heat, "norms": norms, "summary": summary, "compute": go_b, "score": score}
