@@ -270,3 +270,37 @@ def test_default_model_attention_and_noop(default_lm):
     assert rep["pagerank"]["converged"]
     assert default_lm.model.config._attn_implementation == impl
     assert _hooks_left(default_lm.model) == 0
+
+
+# ---- panels (handlers called without a browser) -----------------------------------------------------
+def test_panel_handlers_on_a_tiny_model(tiny_lm):
+    import json
+
+    from workbench.engine.data import Calibration
+    from workbench.panels import attention as pa
+    from workbench.panels import attribution as pt
+    from workbench.panels import map as pm
+    from workbench.panels import outliers as po
+    from workbench.store import Store
+
+    lm = tiny_lm("llama", layers=4)
+    store = Store(default_model=lm.spec)
+    store.register_model(lm)
+    sid = store.new_session()
+    store.attach(sid, lm.spec)
+    store.session(sid).calibration = Calibration(samples=2, seq_len=24)
+    grid, hmap, bars, info, _, _ = pa.render(store, sid, "ab. " * 200, "current variant", 0.85, False, 2, "1")
+    assert "cropped from 800 to its last 512" in info
+    assert "pooled to 16x16" in grid.layout.title.text  # 512-token maps reach the browser pooled
+    assert len(hmap.data[0].z) == pa.HEAD_TOKENS and "last 128 of 512" in hmap.layout.title.text
+    store.apply_step(sid, {"op": "prune_blocks", "blocks": [1]})
+    heat, norms, summary = po.compute(store, sid, "noop_first")
+    assert json.loads(heat)["data"][0]["y"] == [0, 2, 3]  # original indices; block 1 is gone
+    fig, _ = po.open_head(store, sid, 3 * po.HEAD_CODE + 2)
+    assert fig.layout.title.text.startswith("block 3, head 2")
+    bfig, _ = pm.compute(store, sid, "entropy")
+    assert json.loads(bfig)["data"][0]["customdata"] == [0, 2, 3]
+    _, note = pm.click(store, sid, 2)
+    assert store.pending(sid) == [2] and "2" in note
+    afig, text = pt.compute(store, sid, "abcdefg", "", 4)
+    assert [t.name for t in afig.data] == ["original", store.current(sid).name] and "captum delta" in text
