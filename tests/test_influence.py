@@ -288,3 +288,37 @@ def test_mi_on_the_default_model_is_exact_on_a_few_blocks(default_lm):
     for i in (0, 14, 29):
         h = _last_hidden(default_lm, v.with_dropped([i]), ids)
         assert abs(got[i] - (1 - F.cosine_similarity(ref, h, dim=-1).mean().item())) < 1e-4
+
+
+@pytest.mark.gpu
+def test_scans_on_cuda_match_cpu(tiny_lm):
+    """GPU self-check: every metric on CUDA (memory-sized stacking) equals the CPU result."""
+    cpu = tiny_lm("llama", layers=6)
+    gpu = tiny_lm("llama", layers=6)
+    gpu.model.to("cuda")
+    gpu.device = torch.device("cuda")
+    ids = _ids(batch=4, seq=32)
+    v = original_variant(6).with_dropped([2])
+    a, b = inf.all_scores(cpu, v, ids), inf.all_scores(gpu, v, ids)
+    for metric in inf.METRICS:
+        _close(b[metric]["values"], a[metric]["values"], atol=1e-4)
+    assert inf.removal_plan(gpu, v, ids, "mi", 2)["order"] == inf.removal_plan(cpu, v, ids, "mi", 2)["order"]
+
+
+def test_cli_influence_json_with_plan(default_lm, capsys):
+    from workbench.cli import main
+    from workbench.engine.data import Calibration, calibration_ids
+
+    args = ["analyze", "influence", "--metric", "mi", "--samples", "1", "--seq-len", "16", "--iterative", "2", "--json"]
+    assert main(args) == 0
+    import json
+
+    doc = json.loads(capsys.readouterr().out)
+    res = doc["result"]
+    assert doc["inputs"]["calibration"]["samples"] == 1 and len(res["values"]) == default_lm.num_blocks
+    ids = calibration_ids(default_lm.tokenizer, Calibration(samples=1, seq_len=16))
+    want = inf.block_scores(default_lm, original_variant(default_lm.num_blocks), ids, "mi")["values"]
+    _close(res["values"], want, atol=1e-5)
+    assert res["order"][0] == im.lowest(want, 1)[0] and len(res["order"]) == 2
+    assert main(["analyze", "influence", "--metric", "bi", "--samples", "1", "--seq-len", "16", "--iterative", "30"]) == 2
+    assert "k must be between 1 and 29" in capsys.readouterr().err

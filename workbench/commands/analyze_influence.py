@@ -6,10 +6,8 @@
 
 from __future__ import annotations
 
-# Calibration for a scan when neither flags nor a recipe say otherwise: small enough that one exact MI
-# scan of the default model (30 blocks) takes well under a minute on a 2-core CPU.
-INFLUENCE_SAMPLES = 4
-INFLUENCE_SEQ_LEN = 64
+from workbench.engine.analysis.influence import SCAN_SAMPLES as INFLUENCE_SAMPLES  # noqa: F401
+from workbench.engine.analysis.influence import SCAN_SEQ_LEN as INFLUENCE_SEQ_LEN  # noqa: F401
 
 
 def add_parser(sub) -> None:
