@@ -304,3 +304,28 @@ def test_panel_handlers_on_a_tiny_model(tiny_lm):
     assert store.pending(sid) == [2] and "2" in note
     afig, text = pt.compute(store, sid, "abcdefg", "", 4)
     assert [t.name for t in afig.data] == ["original", store.current(sid).name] and "captum delta" in text
+
+
+@pytest.mark.gpu
+def test_views_on_gpu_match_cpu(tiny_lm):
+    """Self-check for the lead's GPU run: the same tiny model on CUDA gives the CPU's numbers."""
+    from workbench.engine.loading import wrap_model
+
+    from conftest import ByteTokenizer
+
+    cpu = tiny_lm("llama", layers=3)
+    gpu = wrap_model(tiny_model("llama", 3), ByteTokenizer(), spec="tiny-llama", device="cuda")
+    v = original_variant(3).with_dropped([1])
+    ids = _ids(6, B=2, T=16)
+    a = att.capture_attention(cpu, v, ids[:1]).probs
+    b = att.capture_attention(gpu, v, ids[:1].cuda()).probs
+    assert torch.allclose(a, b, atol=1e-4)
+    sa, sb = out.outlier_stats(cpu, v, ids), out.outlier_stats(gpu, v, ids.cuda())
+    assert np.allclose(sa["kurtosis"]["mlp_out"][2], sb["kurtosis"]["mlp_out"][2], rtol=1e-3)
+    assert np.allclose(np.array(sa["noop_first"][2]), np.array(sb["noop_first"][2]), atol=1e-4)
+    m = emap.analyze_map(gpu, v, ids.cuda())
+    assert m["blocks"]["index"] == [0, 2]
+    x = torch.tensor([list(b"hello world")])
+    ra = attr.integrated_gradients(cpu, v, x, 65, attr.baseline_ids(cpu, x), steps=16)
+    rb = attr.integrated_gradients(gpu, v, x.cuda(), 65, attr.baseline_ids(gpu, x.cuda()), steps=16)
+    assert np.allclose(ra["attributions"], rb["attributions"], atol=1e-3)

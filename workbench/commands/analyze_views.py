@@ -1,8 +1,8 @@
 """`workbench analyze attention|outliers|map|attribution`: the views that say why a block or head matters.
 
-All four run on the original or, with --recipe, on the variant the recipe makes. --prompt (or a prompt
-file given as --prompt @FILE) feeds attention and attribution; --text FILE is the calibration text of
-outliers and map (as for every other analysis).
+All four run on the original or, with --recipe, on the variant the recipe makes. attention and
+attribution read a prompt: --prompt TEXT, --prompt @FILE, or else the text of --text FILE (cropped to
+its last --max-tokens tokens). outliers and map read calibration windows of --text FILE (default corpus).
 """
 
 from __future__ import annotations
@@ -11,15 +11,19 @@ from pathlib import Path
 
 
 def _prompt(args) -> str | None:
-    p = getattr(args, "prompt", None)
-    if p and p.startswith("@"):
-        from workbench.engine.errors import DataError
+    """--prompt TEXT (or @FILE) wins; else the text of --text FILE is the prompt; else the built-in one."""
+    from workbench.engine.errors import DataError
 
-        path = Path(p[1:]).expanduser()
-        if not path.is_file():
-            raise DataError(f"no such prompt file: {path}")
-        return path.read_text(encoding="utf-8")
-    return p
+    p = getattr(args, "prompt", None)
+    path = Path(p[1:]) if p and p.startswith("@") else None
+    if p is None and getattr(args, "text", None):
+        path = Path(args.text)
+    if path is None:
+        return p
+    path = path.expanduser()
+    if not path.is_file():
+        raise DataError(f"no such prompt file: {path}")
+    return path.read_text(encoding="utf-8", errors="replace")
 
 
 def add_parser(sub) -> None:
