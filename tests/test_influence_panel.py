@@ -1,0 +1,85 @@
+"""Influence panel handlers without a browser: heatmap, table + CSV, cell selection, cache sharing."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from workbench.engine.analysis import influence as inf
+from workbench.engine.data import calibration_ids
+from workbench.panels import influence as panel
+from workbench.store import Store
+
+SPEC = "tiny-llama-influence"
+
+
+@pytest.fixture
+def store(tiny_lm):
+    s = Store(default_model=SPEC, device="cpu")
+    s.register_model(tiny_lm("llama", layers=5), SPEC)
+    return s
+
+
+@pytest.fixture
+def sid(store):
+    sid = store.new_session()
+    store.attach(sid)
+    store.set_calibration(sid, 2, 16)
+    return sid
+
+
+def _compute(store, sid):
+    return list(panel.compute(store, sid, progress=None))
+
+
+def test_compute_fills_heatmap_table_csv_and_the_chart_cache(store, sid):
+    store.apply_step(sid, {"op": "prune_blocks", "blocks": [2]})
+    first, last = _compute(store, sid)
+    lm, v = store.lm(sid), store.current(sid)
+    ids = calibration_ids(lm.tokenizer, store.session(sid).calibration)
+    ref = inf.angular_distances(lm, v, ids)
+    fig = json.loads(first[0])
+    assert fig["data"][0]["z"] == ref["matrix"] and fig["data"][0]["x"] == ["0", "1", "3", "4"]
+    rows, path = last[2], last[3]
+    every = inf.all_scores(lm, v, ids)
+    for row in rows:
+        i = row[0]
+        for col, m in (("mi", "mi"), ("bi", "bi"), ("angular", "angular"), ("ppl_drop", "ppl")):
+            want = every[m]["values"][i]
+            got = row[panel.COLUMNS.index(col)]
+            assert (got is None) == (want is None) and (want is None or abs(got - want) < 1e-5)
+    assert rows[2][1] == "dropped" and rows[2][2] is None
+    with open(path, encoding="utf-8") as f:
+        back = list(csv.reader(f))
+    assert back[0] == panel.COLUMNS and len(back) == 1 + v.num_blocks
+    assert float(back[4][2]) == pytest.approx(rows[3][2])
+    # the Blocks chart's cache now holds every metric: no recomputation when switching
+    cached = store.session(sid).scores
+    for m in inf.METRICS:
+        assert store.scores(sid, m) is cached[(v.id, m, store.session(sid).calibration)]
+
+
+def test_cell_click_selects_the_run_in_original_indices(store, sid):
+    store.apply_step(sid, {"op": "prune_blocks", "blocks": [1]})
+    _compute(store, sid)
+    run, note = panel.select_cell(store, sid, 2 * panel._CELL + 1)  # n = 2 from position 1
+    assert run == [2, 3] and store.pending(sid) == [2, 3] and "[2, 3]" in note
+    run, note = panel.select_cell(store, sid, 4 * panel._CELL + 2)  # past the end: nothing changes
+    assert store.pending(sid) == [2, 3] and "past the last block" in note
+
+
+def test_shown_reads_only_the_cache(store, sid):
+    heat, best, rows, path, hint = panel.shown(store, sid)
+    assert rows == [] and "press Compute" in hint and json.loads(heat)["data"] == []
+    _compute(store, sid)
+    heat, best, rows, path, hint = panel.shown(store, sid)
+    assert len(rows) == 5 and "n=1" in best and hint == ""
+    assert panel.csv_text(rows).splitlines()[0] == ",".join(panel.COLUMNS)
+    # each best run is the smallest distance of its row
+    runs = store.session(sid).scores[panel._key(store, sid, "angular_runs")]
+    for b in runs["best"]:
+        assert b["distance"] == min(d for d in runs["matrix"][b["n"] - 1] if d is not None)
+    assert io.StringIO(panel.csv_text(rows)).read().count("\n") == 6
