@@ -22,6 +22,10 @@ function draw() {
   const fig = typeof props.value === "string" ? JSON.parse(props.value) : props.value;
   withPlotly(() => {
     window.Plotly.react(div, fig.data, fig.layout, { displayModeBar: false, responsive: true });
+    if (!div.dataset.wbBound && window.ResizeObserver) {
+      // drawn while its tab was hidden (zero width): redraw at the real size once it is shown
+      new ResizeObserver(() => { if (div.offsetWidth > 0) window.Plotly.Plots.resize(div); }).observe(div);
+    }
     if (!div.dataset.wbBound) {
       div.on("plotly_click", (d) => {
         const p = d.points && d.points[0];

@@ -63,11 +63,12 @@ def build(ctx) -> dict:
     recipe = gr.Code(recipe_json(store, None), language="json", label="Recipe of the current variant (editable)",
                      interactive=True)
     with gr.Row():
-        download_b = gr.Button("Prepare recipe download")
-        file_out = gr.File(label="recipe.json", interactive=False)
-    with gr.Row():
-        upload = gr.File(label="Import a recipe .json", file_types=[".json"], type="filepath")
-        import_b = gr.Button("Import recipe (replays it on the original)")
+        with gr.Column():
+            download_b = gr.Button("Prepare recipe download")
+            file_out = gr.File(label="recipe.json", interactive=False, height=90)
+        with gr.Column():
+            import_b = gr.Button("Import recipe (uploaded file, else the editor)")
+            upload = gr.File(label="Import a recipe .json", file_types=[".json"], type="filepath", height=90)
     import_status = gr.Markdown()
 
     export_b.click(g(lambda s, f, o, progress=gr.Progress(): export(store, s, f, o, progress)), [sid, folder, overwrite],
