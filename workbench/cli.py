@@ -3,7 +3,7 @@
     workbench [app] [--model M] [--host 127.0.0.1] [--port N]
     workbench info --model M [--json]
     workbench eval --model M [--recipe R] [--text FILE] [--seq-len N] [--max-tokens N] [--json]
-    workbench compress --model M --recipe R --out DIR [--overwrite]
+    workbench compress --model M --recipe R --out DIR [--overwrite] [--format dense|compressed-tensors]
     workbench analyze <name> ...
 
 `--json` prints one JSON document on stdout (schema_version, the inputs used, units); progress and logs
@@ -144,8 +144,11 @@ def cmd_compress(args) -> dict:
     metrics = {f"quick_{k}": v for k, v in quick.items() if k in ("kl", "top1", "ppl", "tokens")}
     metrics.update({"parameters": quick["parameters"], "bytes": quick["bytes"]})
     resolved = variant_recipe(lm, variant, calib)
-    out = export_variant(lm, variant, args.out, resolved, metrics=metrics, overwrite=args.overwrite, progress=stderr_progress)
-    result = {"out": str(out), "blocks_kept": len(variant.kept()), "dropped": variant.dropped(),
+    export = export_variant
+    if getattr(args, "format", "dense") == "compressed-tensors":
+        from workbench.engine.export_ct import export_compressed as export
+    out = export(lm, variant, args.out, resolved, metrics=metrics, overwrite=args.overwrite, progress=stderr_progress)
+    result = {"out": str(out), "format": getattr(args, "format", "dense"), "blocks_kept": len(variant.kept()), "dropped": variant.dropped(),
               "replaced": variant.replaced(), "metrics": metrics, "reports": variant.reports,
               "seconds": time.perf_counter() - t0}
     return document("compress", args, lm, recipe, calib, result, {"bytes": "bytes", "quick_kl": "nats per token", "seconds": "s"})
@@ -185,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--format", choices=["dense", "compressed-tensors"], default="dense",
+                   help="dense: dequantized weights, plain transformers (default); compressed-tensors: packed "
+                        "quantized weights (needs the compressed-tensors package to load)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("analyze", help="block influence and the other analyses")

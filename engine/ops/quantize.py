@@ -274,8 +274,11 @@ def quantize_block(block: nn.Module, adapter, hidden: torch.Tensor, call: BlockC
 
 @torch.no_grad()
 def quantize_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme: solver.Scheme,
-                    method: str) -> tuple[Variant, dict]:
-    """Sequentially quantize `blocks` of `variant`. -> (new variant, report)."""
+                    method: str, sequential: bool = True) -> tuple[Variant, dict]:
+    """Sequentially quantize `blocks` of `variant`. -> (new variant, report).
+
+    `sequential=False` (for ablations only) calibrates every block on the unquantized variant's
+    hidden states instead, as a non-sequential prototype would."""
     lm = ctx.lm
     check_group_size(lm, variant, blocks, scheme)
     t0 = time.perf_counter()
@@ -304,7 +307,8 @@ def quantize_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme:
             new.overrides[i] = q_block
             new.tags[i] = _tag(scheme.bits, scheme.group_size)
             per_block[i] = rep
-            module = q_block  # sequential: the quantized output feeds the next block
+            if sequential:
+                module = q_block  # the quantized output feeds the next block
             done += 1
         h = _run(module, h, call)
     n_w = sum(r["quantized_weights"] for r in per_block.values())
@@ -326,6 +330,7 @@ def quantize_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme:
             "rtn_error": sum(e["rtn_error"] for r in per_block.values() for e in r["linears"].values()),
         },
         "calibration_tokens": int(ids.numel()),
+        "sequential": sequential,
         "seconds": time.perf_counter() - t0,
     }
     ctx.report(1.0, f"quantize: {len(per_block)} blocks done")

@@ -1,0 +1,255 @@
+"""Quantization quality on the default model (issue 7): dense vs RTN vs GPTQ, side by side in one run.
+
+Held-out perplexity (engine.eval.full_eval: the evaluation split, never seen by calibration) of the
+dense model and of every linear in every block quantized by RTN and by GPTQ with the same scheme
+(4-bit and 3-bit, group 64, asymmetric by default), calibrated on the default calibration (or --samples).
+Printed: perplexity, its increase over dense, KL and top-1 agreement vs dense, bits per weight, bytes,
+quantization seconds, and how much of RTN's perplexity increase GPTQ removes.
+
+    python bench/quantize.py [--bits 4,3] [--group-size 64] [--sym] [--act-order weight]
+                             [--samples N] [--ablations] [--with-llmcompressor]
+
+--ablations adds GPTQ runs that each undo one ingredient (non-sequential calibration, no act order,
+fewer calibration tokens, ...), to show what makes GPTQ beat RTN here.
+--with-llmcompressor builds (once, cached under ~/.cache/compression-workbench/llmcompressor-venv) a
+venv with llmcompressor 0.14 (which pins older transformers / compressed-tensors than ours), saves the
+same calibration and evaluation token ids to a file, and runs its GPTQModifier with the same scheme in a
+subprocess; its wall time and perplexity are printed beside ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from workbench.engine import data
+from workbench.engine import eval as ev
+from workbench.engine.data import Calibration
+from workbench.engine.loading import cache_dir, load_model
+from workbench.engine.ops.gptq import Scheme
+from workbench.engine.ops.quantize import quantize_blocks
+from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
+from workbench.engine.workspace import original_variant
+
+LLMC_VERSION = "0.14.0.1"
+EVAL_SEQ_LEN = 256
+
+
+def run_ours(ctx, base, step: dict, sequential: bool = True) -> tuple:
+    t0 = time.perf_counter()
+    if sequential:
+        v = apply_steps(ctx, base, [step_from_dict(step)])
+        report = v.reports[-1]
+    else:
+        s = step_from_dict(step)
+        v, report = quantize_blocks(ctx, base, base.kept(), s.scheme(), s.method, sequential=False)
+    return v, report, time.perf_counter() - t0
+
+
+def evaluate(lm, variant, max_tokens):
+    r = ev.full_eval(lm, variant, seq_len=EVAL_SEQ_LEN, max_tokens=max_tokens)
+    return r
+
+
+def row(name, r, dense_ppl, report=None, seconds=None):
+    out = {"name": name, "ppl": r["ppl"], "ppl_increase": r["ppl"] - dense_ppl, "kl": r.get("kl", 0.0),
+           "top1": r.get("top1", 1.0), "bytes": r["bytes"], "tokens": r["tokens"]}
+    if report is not None:
+        t = report["total"]
+        out.update({"bits_per_weight": t["bits_per_weight"], "bytes_saved": t["bytes_saved"],
+                    "objective_error": t["error"], "rtn_objective_error": t["rtn_error"]})
+    if seconds is not None:
+        out["quantize_seconds"] = seconds
+    return out
+
+
+def fmt(r):
+    bpw = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else "   - "
+    sec = f"{r['quantize_seconds']:7.1f}" if "quantize_seconds" in r else "      -"
+    return (f"{r['name']:<34} {r['ppl']:8.3f} {r['ppl_increase']:+8.3f} {r['kl']:8.4f} {r['top1']:7.4f} "
+            f"{bpw:>6} {r['bytes'] / 2**20:9.2f} {sec}")
+
+
+HEADER = (f"{'variant':<34} {'ppl':>8} {'d_ppl':>8} {'KL':>8} {'top1':>7} {'bpw':>6} {'MiB':>9} {'quant_s':>7}")
+
+
+# ---- llm-compressor side by side -------------------------------------------------------------------------
+RUNNER = r'''
+import json, math, sys, time
+import torch
+args = json.load(open(sys.argv[1]))
+torch.set_num_threads(args["threads"])
+from transformers import AutoModelForCausalLM
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+ids = torch.load(args["ids"])
+calib, evals = ids["calib"], ids["eval"]
+model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
+ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+weights = {"num_bits": args["bits"], "type": "int", "symmetric": args["sym"], "strategy": "group",
+           "group_size": args["group_size"]}
+if args["act_order"]:
+    weights["actorder"] = args["act_order"]
+mod = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
+                   dampening_frac=args["damp"])
+t0 = time.perf_counter()
+oneshot(model=model, dataset=ds, recipe=[mod], num_calibration_samples=calib.shape[0],
+        max_seq_length=calib.shape[1], pad_to_max_length=False)
+seconds = time.perf_counter() - t0
+nll, n = 0.0, 0
+with torch.no_grad():
+    for b0 in range(0, evals.shape[0], 4):
+        batch = evals[b0:b0 + 4]
+        logp = torch.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), -1)
+        nll += -logp.gather(-1, batch[:, 1:, None]).sum().item()
+        n += batch[:, 1:].numel()
+print("LLMC_RESULT " + json.dumps({"seconds": seconds, "ppl": math.exp(nll / n), "tokens": n}))
+'''
+
+
+def llmc_venv(progress=print) -> Path:
+    """A cached venv with llmcompressor (system site packages visible; torch pinned to ours)."""
+    venv = cache_dir() / "llmcompressor-venv"
+    py = venv / "bin" / "python"
+    marker = venv / f".ok-{LLMC_VERSION}"
+    if marker.is_file():
+        return py
+    progress(f"building {venv} (llmcompressor {LLMC_VERSION}); once")
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    cons = venv / "constraints.txt"
+    cons.write_text(f"torch=={torch.__version__.split('+')[0]}\n")  # never another torch
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(cons), f"llmcompressor=={LLMC_VERSION}"], check=True)
+    marker.write_text("ok\n")
+    return py
+
+
+def run_llmc(lm, calib_ids, eval_ids, bits, group_size, sym, act_order, damp, threads) -> dict:
+    try:
+        py = llmc_venv()
+    except (subprocess.CalledProcessError, OSError) as e:
+        return {"error": f"could not build the llm-compressor venv: {e}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_path = Path(tmp) / "ids.pt"
+        torch.save({"calib": calib_ids.cpu(), "eval": eval_ids.cpu()}, ids_path)
+        cfg = Path(tmp) / "args.json"
+        cfg.write_text(json.dumps({"ids": str(ids_path), "model": str(lm.source), "bits": bits, "group_size": group_size,
+                                   "sym": sym, "act_order": act_order, "damp": damp, "threads": threads}))
+        runner = Path(tmp) / "runner.py"
+        runner.write_text(RUNNER)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        t0 = time.perf_counter()
+        p = subprocess.run([str(py), str(runner), str(cfg)], capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+    for line in p.stdout.splitlines():
+        if line.startswith("LLMC_RESULT "):
+            out = json.loads(line[len("LLMC_RESULT "):])
+            out["subprocess_seconds"] = wall
+            return out
+    return {"error": f"llm-compressor run failed (exit {p.returncode}): {p.stderr.strip()[-800:]}"}
+
+
+# ---- main ------------------------------------------------------------------------------------------------
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--sym", action="store_true", help="symmetric grids (default: asymmetric)")
+    ap.add_argument("--act-order", default="weight", help="weight | group | none (default: weight)")
+    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--samples", type=int, default=None, help="calibration samples (default: the default calibration)")
+    ap.add_argument("--seq-len", type=int, default=None, help="calibration tokens per sample")
+    ap.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many held-out tokens")
+    ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--with-llmcompressor", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json-out", default="bench/results/quantize.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    act = None if args.act_order in ("none", "null", "") else args.act_order
+
+    lm = load_model("default", device="auto")
+    calib = Calibration()
+    over = {k: v for k, v in (("samples", args.samples), ("seq_len", args.seq_len)) if v is not None}
+    if over:
+        calib = Calibration(**{**calib.to_dict(), **over})
+    ctx = OpContext(lm=lm, calibration=calib)
+    base = original_variant(lm.num_blocks)
+    print(f"model: {lm.name}; device {lm.device}; torch threads {torch.get_num_threads()}")
+    print(f"calibration: {calib.to_dict()} = {ctx.calib_ids().numel()} tokens (split: calibration)")
+    dense = evaluate(lm, base, args.max_tokens)
+    print(f"evaluation: {dense['tokens']} held-out tokens (split: evaluation), seq_len {EVAL_SEQ_LEN}")
+    print(f"scheme: group {args.group_size}, {'symmetric' if args.sym else 'asymmetric'}, GPTQ act_order {act}, "
+          f"damp {args.damp}; every linear of all {lm.num_blocks} blocks\n")
+    rows = [row("dense", dense, dense["ppl"])]
+    print(HEADER)
+    print(fmt(rows[0]), flush=True)
+    summary = {}
+    for bits in [int(b) for b in args.bits.split(",")]:
+        common = {"op": "quantize", "bits": bits, "group_size": args.group_size, "sym": args.sym, "damp": args.damp}
+        v, rep, sec = run_ours(ctx, base, {**common, "method": "rtn"})
+        r_rtn = row(f"RTN  {bits}-bit g{args.group_size}", evaluate(lm, v, args.max_tokens), dense["ppl"], rep, sec)
+        print(fmt(r_rtn), flush=True)
+        v, rep, sec = run_ours(ctx, base, {**common, "method": "gptq", "act_order": act})
+        r_gptq = row(f"GPTQ {bits}-bit g{args.group_size}", evaluate(lm, v, args.max_tokens), dense["ppl"], rep, sec)
+        print(fmt(r_gptq), flush=True)
+        rows += [r_rtn, r_gptq]
+        cut = 1 - r_gptq["ppl_increase"] / r_rtn["ppl_increase"] if r_rtn["ppl_increase"] > 0 else float("nan")
+        summary[f"{bits}bit"] = {"gptq_beats_rtn": r_gptq["ppl"] < r_rtn["ppl"], "rtn_increase_removed": cut,
+                                 "objective_ratio": r_gptq["objective_error"] / r_gptq["rtn_objective_error"]}
+        if args.ablations:
+            abl = [
+                ("  GPTQ non-sequential", {**common, "method": "gptq", "act_order": act}, False),
+                ("  GPTQ act_order none", {**common, "method": "gptq", "act_order": None}, True),
+                ("  GPTQ act_order group", {**common, "method": "gptq", "act_order": "group"}, True),
+                ("  GPTQ damp 0.1", {**common, "method": "gptq", "act_order": act, "damp": 0.1}, True),
+            ]
+            for name, step, seq in abl:
+                v, rep, sec = run_ours(ctx, base, step, sequential=seq)
+                r = row(f"{name} {bits}-bit", evaluate(lm, v, args.max_tokens), dense["ppl"], rep, sec)
+                rows.append(r)
+                print(fmt(r), flush=True)
+        if args.with_llmcompressor:
+            eval_ids = data.evaluation_ids(lm.tokenizer, calib.source, EVAL_SEQ_LEN, args.max_tokens)
+            res = run_llmc(lm, ctx.calib_ids(), eval_ids, bits, args.group_size, args.sym, act, args.damp,
+                           torch.get_num_threads())
+            if "error" in res:
+                print(f"llm-compressor {bits}-bit: {res['error']}", flush=True)
+            else:
+                r = {"name": f"llm-compressor GPTQ {bits}-bit", "ppl": res["ppl"], "ppl_increase": res["ppl"] - dense["ppl"],
+                     "kl": float("nan"), "top1": float("nan"), "bytes": float("nan"), "tokens": res["tokens"],
+                     "quantize_seconds": res["seconds"]}
+                print(fmt(r).replace("nan", "  -"), flush=True)
+                summary[f"{bits}bit"]["llmc"] = {"ppl": res["ppl"], "seconds": res["seconds"],
+                                                 "wall_ratio_ours_over_theirs": r_gptq["quantize_seconds"] / res["seconds"],
+                                                 "ours_ppl_le_theirs": r_gptq["ppl"] <= res["ppl"]}
+            rows.append({"name": f"llm-compressor GPTQ {bits}-bit", **res})
+    print()
+    for k, s in summary.items():
+        line = (f"{k}: GPTQ below RTN: {s['gptq_beats_rtn']}; GPTQ removes {100 * s['rtn_increase_removed']:.0f} % of "
+                f"RTN's perplexity increase; GPTQ/RTN layer objective (sum over linears) {s['objective_ratio']:.3f}")
+        if "llmc" in s:
+            line += (f"; wall time ours/llm-compressor {s['llmc']['wall_ratio_ours_over_theirs']:.2f}, "
+                     f"ppl ours <= theirs: {s['llmc']['ours_ppl_le_theirs']}")
+        print(line)
+    print("note: the default model's weights come from a Q4_1 GGUF (4-bit asymmetric grid, groups of 32 along the "
+          "input): the 'dense' model is already 4-bit; re-quantizing to g64 cannot land on its grid.")
+    out = Path(args.json_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"calibration": calib.to_dict(), "rows": rows, "summary": summary,
+                               "args": vars(args)}, indent=2, default=str) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
