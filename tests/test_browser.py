@@ -50,30 +50,30 @@ def test_click_a_bar_compare_and_export(app_url, tmp_path):
             page.goto(app_url)
             # load a model from the Model tab
             page.get_by_role("button", name="Load", exact=True).click()
-            page.wait_for_selector("#wb-model-info:has-text('4 blocks')", timeout=60_000)
+            page.wait_for_selector("#wb-model-info:has-text('4 blocks')", timeout=120_000)
 
             page.get_by_role("tab", name="Compare").click()
             figures = page.locator("#wb-figures")
-            figures.filter(has_text="original vs original").wait_for(timeout=60_000)
+            figures.filter(has_text="original vs original").wait_for(timeout=120_000)
             before = figures.inner_text()
 
             # click block 2's bar in the chart (drawn by plotly.js inside a gr.HTML component)
             page.get_by_role("tab", name="Blocks").click()
             bars = page.locator("#wb-chart .bars .point path")
-            bars.first.wait_for(timeout=60_000)
+            bars.first.wait_for(timeout=120_000)
             assert bars.count() == 4
             page.locator("#wb-apply").click()  # nothing selected: a message, not a dead page
-            page.get_by_text("select blocks to prune").first.wait_for(timeout=30_000)
+            page.get_by_text("select blocks to prune").first.wait_for(timeout=120_000)
             bars.nth(2).click(force=True)
-            page.locator("#wb-selection").filter(has_text="selected: 2").wait_for(timeout=30_000)
-            page.locator("#wb-preview").filter(has_text="Preview").wait_for(timeout=30_000)
+            page.locator("#wb-selection").filter(has_text="selected: 2").wait_for(timeout=120_000)
+            page.locator("#wb-preview").filter(has_text="Preview").wait_for(timeout=120_000)
             page.screenshot(path=str(shots / "blocks.png"), full_page=True)
             page.locator("#wb-apply").click()
-            page.locator("#wb-status").filter(has_text="Applied").wait_for(timeout=60_000)
+            page.locator("#wb-status").filter(has_text="Applied").wait_for(timeout=120_000)
 
             # the comparison changed: variant v1 with 3 of 4 blocks and a positive KL
             page.get_by_role("tab", name="Compare").click()
-            figures.filter(has_text="original vs v1").wait_for(timeout=60_000)
+            figures.filter(has_text="original vs v1").wait_for(timeout=120_000)
             assert figures.inner_text() != before
             kept = figures.locator("tr", has_text="blocks kept").locator("td")
             assert [kept.nth(i).inner_text().strip() for i in (1, 2)] == ["4", "3"]
@@ -86,7 +86,10 @@ def test_click_a_bar_compare_and_export(app_url, tmp_path):
             out = tmp_path / "exported"
             page.locator("#wb-export-folder textarea, #wb-export-folder input").first.fill(str(out))
             page.locator("#wb-export").click()
-            page.locator("#wb-export-status").filter(has_text="Exported").wait_for(timeout=60_000)
+            page.locator("#wb-export-status").filter(has_text="Exported").wait_for(timeout=120_000)
+        except Exception:
+            page.screenshot(path=str(shots / "failure.png"), full_page=True)  # for diagnosis
+            raise
         finally:
             browser.close()
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
