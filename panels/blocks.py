@@ -24,7 +24,15 @@ COLOURS = {"kept": "#4C78A8", "pending": "#E45756", "dropped": "#C9C9C9", "fused
 LEGEND = " ".join(f"<span style='color:{c}'>■</span> {w}" for w, c in COLOURS.items() if w != "changed")
 
 
+# Quantized blocks: one green per bit-width (tags read "quantized 4-bit g64"); darker = fewer bits.
+QUANT_COLOURS = {2: "#14401F", 3: "#1F6B2E", 4: "#2F8F3E", 8: COLOURS["quantized"]}
+
+
 def _state_colour(state: str) -> str:
+    if state.startswith("quantized "):
+        bits = state.split()[1].split("-")[0]
+        if bits.isdigit() and int(bits) in QUANT_COLOURS:
+            return QUANT_COLOURS[int(bits)]
     return next((c for word, c in COLOURS.items() if state.startswith(word)), COLOURS["changed"])
 
 
