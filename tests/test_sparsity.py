@@ -230,3 +230,23 @@ def test_default_model_layer_magnitude_hits_exact_count_despite_grid_ties(defaul
     v = _apply(default_lm, {"op": "sparsify", "method": "magnitude", "sparsity": 0.5, "scope": "layer", "blocks": [0]})
     for row in v.reports[-1]["per_layer"]:
         assert row["zeros"] == sp.prune_count(0.5, row["weights"]), row
+
+
+@pytest.mark.parametrize("scope", ["global", "layer", "row"])
+def test_pruner_cached_orderings_equal_direct_masks(tiny_lm, scope):
+    lm = tiny_lm("qwen2", layers=2)
+    v = original_variant(lm.num_blocks)
+    targets = sp.prunable_linears(lm, v)
+    # quantise the weights' scores onto a coarse grid so ties are common
+    pr = sp.Pruner(lm, v, targets)
+    pr.scores = lambda method, t: (linear_weight(t.module).abs() * 4).round()
+    pr.prepare("magnitude", scope, [0.3, 0.7])
+    for s in (0.3, 0.7, 0.5):
+        got = pr.masks("magnitude", s, "unstructured", scope)
+        scores = [pr.scores("magnitude", t) for t in targets]
+        if scope == "global":
+            ref = sp.global_masks(scores, s)
+        else:
+            fn = sp.layer_mask if scope == "layer" else sp.row_mask
+            ref = [fn(sc, s) for sc in scores]
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))

@@ -166,15 +166,20 @@ def global_masks(scores: list[torch.Tensor], sparsity: float, threshold: float |
     if k == 0:
         return [torch.ones_like(s, dtype=torch.bool) for s in scores]
     t = global_threshold(scores, [k])[0] if threshold is None else threshold
-    need = k - sum(int((s < t).sum()) for s in scores)
+    below = [int((s < t).sum()) for s in scores]
+    need = k - sum(below)
     masks = []
-    for s in scores:
-        equal = s == t
-        ties = int(equal.sum())
+    for s, nb in zip(scores, below):
+        ties = int((s <= t).sum()) - nb if need > 0 else 0
         take = max(0, min(need, ties))
         need -= take
-        prune = (s < t) | (equal & (equal.reshape(-1).cumsum(0).view_as(s) <= take))
-        masks.append(~prune)
+        if take == 0:
+            masks.append(s >= t)
+        elif take == ties:
+            masks.append(s > t)
+        else:  # the one linear where the tied weights are split: the first `take` of them in flat order
+            equal = s == t
+            masks.append(~((s < t) | (equal & (equal.reshape(-1).cumsum(0).view_as(s) <= take))))
     return masks
 
 
@@ -230,11 +235,13 @@ def input_norms(lm: LoadedModel, variant: Variant, targets: list[Target], ids: t
 
 # ---- the pruner: statistics once, masks for any sparsity --------------------------------------------
 class Pruner:
-    """Scores, thresholds and pruned copies for one base variant and one set of target linears.
+    """Scores, orderings and masks for one base variant and one set of target linears.
 
-    `prepare(method, scope, sparsities)` computes, once, the threshold of every comparison group for
-    each sparsity; `masks(...)` then costs a few element-wise passes. With `reuse=False` nothing is kept
-    between calls (the calibration pass and the thresholds are redone), for the benchmark's comparison.
+    `prepare(method, scope, sparsities)` does the once-per-sweep work: the calibration pass (Wanda) and
+    either the stable rank of every weight within its comparison group (`row`, `layer`: int16/int32,
+    one argsort per linear) or one global partition giving the threshold of each sparsity (`global`).
+    A point's mask then costs one or two element-wise passes. With `reuse=False` nothing is kept
+    between points (calibration pass and orderings are redone), the benchmark's baseline.
     """
 
     def __init__(self, lm: LoadedModel, variant: Variant, targets: list[Target], calib_ids=None, reuse: bool = True):
@@ -242,72 +249,76 @@ class Pruner:
         self.calib_ids = calib_ids
         self.reuse = reuse
         self._norms: dict | None = None
-        self._thresholds: dict = {}
+        self._ranks: dict = {}  # (method, scope) -> [rank tensor per target]
+        self._thresholds: dict = {}  # (method, sparsity) -> global threshold
         self.stats_seconds = 0.0
 
     # statistics
     def norms(self) -> dict:
-        if self._norms is None or not self.reuse:
+        if self._norms is None:
             if self.calib_ids is None:
                 raise RecipeError("wanda needs calibration text (calibration ids were not given)")
             t0 = time.perf_counter()
-            norms = input_norms(self.lm, self.variant, self.targets, self.calib_ids)
+            self._norms = input_norms(self.lm, self.variant, self.targets, self.calib_ids)
             self.stats_seconds += time.perf_counter() - t0
-            if not self.reuse:
-                return norms
-            self._norms = norms
         return self._norms
 
-    def scores(self, method: str, target: Target, norms=None) -> torch.Tensor:
+    def scores(self, method: str, target: Target) -> torch.Tensor:
         w = linear_weight(target.module)
         if method == "magnitude":
             return magnitude_scores(w)
-        norms = norms if norms is not None else self.norms()
-        return wanda_scores(w, norms[target.key])
+        return wanda_scores(w, self.norms()[target.key])
 
-    def prepare(self, method: str, scope: str, sparsities, norms=None) -> None:
-        """Thresholds of every group for every sparsity, from one sort per linear (or one partition)."""
+    def forget(self) -> None:
+        self._norms, self._ranks, self._thresholds = None, {}, {}
+
+    def prepare(self, method: str, scope: str, sparsities=()) -> None:
+        """Orderings (row/layer) or global thresholds for `sparsities`, computed once."""
         t0 = time.perf_counter()
-        sparsities = sorted({float(s) for s in sparsities})
-        scores = [self.scores(method, t, norms) for t in self.targets]
         if scope == "global":
-            total = sum(s.numel() for s in scores)
-            ths = global_threshold(scores, [prune_count(s, total) for s in sparsities])
-            for s, th in zip(sparsities, ths):
-                self._thresholds[(method, scope, s)] = th
-        else:
-            per = {s: [] for s in sparsities}
-            for sc in scores:
-                groups = sc.reshape(1, -1) if scope == "layer" else sc
-                ordered = groups.sort(dim=1).values
-                for s in sparsities:
-                    k = prune_count(s, groups.shape[1])
-                    per[s].append(ordered[:, k - 1].clone() if k > 0 else torch.full((groups.shape[0],), -math.inf))
-                del ordered
-            for s in sparsities:
-                self._thresholds[(method, scope, s)] = per[s]
+            todo = sorted({float(s) for s in sparsities} - {s for (m, s) in self._thresholds if m == method})
+            if todo:
+                scores = [self.scores(method, t) for t in self.targets]
+                total = sum(sc.numel() for sc in scores)
+                ths = global_threshold(scores, [prune_count(s, total) for s in todo])
+                self._thresholds.update({(method, s): th for s, th in zip(todo, ths)})
+        elif (method, scope) not in self._ranks:
+            ranks = []
+            for t in self.targets:
+                sc = self.scores(method, t)
+                ranks.append(group_ranks(sc.reshape(1, -1) if scope == "layer" else sc).view_as(sc))
+            self._ranks[(method, scope)] = ranks
         self.stats_seconds += time.perf_counter() - t0
 
     def masks(self, method: str, sparsity: float, pattern: str = "unstructured", scope: str | None = None) -> list[torch.Tensor]:
         """Keep-mask per target (same order), for one point."""
         scope = resolve_scope(method, scope)
         nm = parse_pattern(pattern)
-        norms = None if (self.reuse or method == "magnitude") else self.norms()
+        if not self.reuse:
+            self.forget()
         if nm is not None:
-            return [nm_mask(self.scores(method, t, norms), *nm) for t in self.targets]
-        key = (method, scope, float(sparsity))
-        if not self.reuse:
-            self._thresholds.pop(key, None)
-            self.prepare(method, scope, [sparsity], norms)
-        elif key not in self._thresholds:
-            self.prepare(method, scope, [sparsity])
-        th = self._thresholds[key]
-        if not self.reuse:
-            self._thresholds.pop(key, None)
+            return [nm_mask(self.scores(method, t), *nm) for t in self.targets]
+        self.prepare(method, scope, [sparsity])
         if scope == "global":
-            return global_masks([self.scores(method, t, norms) for t in self.targets], sparsity, th)
-        fn = layer_mask if scope == "layer" else row_mask
-        return [fn(self.scores(method, t, norms), sparsity, th[j]) for j, t in enumerate(self.targets)]
+            th = self._thresholds[(method, float(sparsity))]
+            return global_masks([self.scores(method, t) for t in self.targets], sparsity, th)
+        out = []
+        for rank in self._ranks[(method, scope)]:
+            n = rank.numel() if scope == "layer" else rank.shape[1]
+            out.append(rank >= prune_count(sparsity, n))
+        return out
+
+
+def group_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """(G, n) -> each element's 0-based position in its row's stable ascending sort (int16 if it fits).
+
+    `rank >= k` is then exactly the keep-mask of `prune_lowest(scores, k)`, for any k."""
+    G, n = scores.shape
+    order = scores.argsort(dim=1, stable=True)
+    dtype = torch.int16 if n <= 2**15 else torch.int32
+    rank = torch.empty((G, n), dtype=dtype, device=scores.device)
+    rank.scatter_(1, order, torch.arange(n, device=scores.device, dtype=dtype).expand(G, n))
+    return rank
 
 
 def measured_sparsity(targets: list[Target], weights: list[torch.Tensor]) -> dict:
