@@ -37,6 +37,8 @@ import functools
 import importlib
 import inspect
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,9 +122,6 @@ def start_session(store: Store, progress=gr.Progress()) -> tuple[str, str]:
 def build_app(model: str = DEFAULT_MODEL, device: str = "auto", store: Store | None = None, allow_pickle: bool = False) -> gr.Blocks:
     """Build the Blocks app. `store` lets tests pass one with an in-memory model registered."""
     store = store or Store(default_model=model or DEFAULT_MODEL, device=device, allow_pickle=allow_pickle)
-    import plotly
-
-    gr.set_static_paths([str(Path(plotly.__file__).parent / "package_data"), str(ASSETS)])
     with gr.Blocks(title="Compression Workbench") as demo:
         gr.Markdown("## Compression Workbench", elem_id="wb-title")
         # a plain function, not the bound method: gradio deep-copies the page config, and a bound method
@@ -151,5 +150,7 @@ def launch(model: str | None = DEFAULT_MODEL, host: str = "127.0.0.1", port: int
     store.model(store.default_model, progress=lambda f, m: print(f"[{f * 100:5.1f}%] {m}", flush=True))
     demo = build_app(model=store.default_model, device=device, store=store)
     demo.queue(default_concurrency_limit=4)
-    return demo.launch(server_name=host, server_port=port, share=False, css=css(), prevent_thread_lock=not block,
-                       inbrowser=False, **kwargs)
+    # Open a browser tab only where there is a desktop to show it (a headless server has none).
+    desktop = sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    kwargs.setdefault("inbrowser", desktop)
+    return demo.launch(server_name=host, server_port=port, share=False, css=css(), prevent_thread_lock=not block, **kwargs)
