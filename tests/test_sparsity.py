@@ -162,8 +162,9 @@ def test_gpt2_conv1d_nm_along_input(tiny_lm):
     assert abs(v.reports[-1]["sparsity"] - 0.5) < 1e-9
 
 
-def test_sweep_zero_point_is_dense_and_points_match_applied_step(tiny_lm, tmp_path):
-    lm = tiny_lm("llama", layers=3)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sweep_zero_point_is_dense_and_points_match_applied_step(tiny_lm, tmp_path, family):
+    lm = tiny_lm(family, layers=3)
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"Paragraph {i}: " + "the quick brown fox jumps over the lazy dog. " * 6 for i in range(30)))
     before = state_fingerprint(lm.model)
@@ -180,12 +181,17 @@ def test_sweep_zero_point_is_dense_and_points_match_applied_step(tiny_lm, tmp_pa
         assert p0["target_sparsity"] == 0.0 and p0["kl"] == 0.0
         assert abs(p0["ppl"] - dense["ppl"]) / dense["ppl"] < 1e-4
     # a point of the curve is what applying that step gives, measured by the independent full forward
-    p = res["curves"]["wanda"]["points"][1]
-    v = _apply(lm, {"op": "sparsify", "method": "wanda", "sparsity": p["target_sparsity"]}, calibration=calib)
+    for m in ("wanda", "magnitude"):
+        p = res["curves"][m]["points"][1]
+        v = _apply(lm, {"op": "sparsify", "method": m, "sparsity": p["target_sparsity"]}, calibration=calib)
+        full = ev.full_eval(lm, v, source=str(text), seq_len=64, max_tokens=256)
+        assert abs(full["ppl"] - p["ppl"]) / p["ppl"] < 1e-3
+        assert p["kl"] > 1e-4 and abs(full["kl"] - p["kl"]) < 1e-2 * p["kl"]  # the cached reference is fp16
+        assert abs(v.reports[-1]["sparsity"] - p["sparsity"]) < 1e-12
+    q = next(q for q in res["nm"] if q["method"] == "magnitude")
+    v = _apply(lm, {"op": "sparsify", "method": "magnitude", "pattern": "2:4"})
     full = ev.full_eval(lm, v, source=str(text), seq_len=64, max_tokens=256)
-    assert abs(full["ppl"] - p["ppl"]) / p["ppl"] < 1e-3
-    assert p["kl"] > 1e-4 and abs(full["kl"] - p["kl"]) < 1e-2 * p["kl"]  # the cached reference is fp16
-    assert abs(v.reports[-1]["sparsity"] - p["sparsity"]) < 1e-12
+    assert abs(full["ppl"] - q["ppl"]) / q["ppl"] < 1e-3
     nm = {(q["method"], q["pattern"]) for q in res["nm"]}
     assert nm == {("magnitude", "2:4"), ("wanda", "2:4")}
     assert "knee" in res["curves"]["magnitude"]

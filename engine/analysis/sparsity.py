@@ -147,8 +147,13 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     out, inp = scores.shape
     if inp % m:
         raise RecipeError(f"N:M pattern {n}:{m} needs the input size ({inp}) to be a multiple of {m}")
-    groups = scores.reshape(out * inp // m, m)
-    return prune_lowest(groups, m - n).view(out, inp)
+    g = scores.reshape(out * inp // m, m)
+    # rank of each weight in its group's stable ascending order, from pairwise comparisons (m is small):
+    # rank_j = #{i: s_i < s_j} + #{i < j: s_i == s_j}
+    before = torch.ones(m, m, dtype=torch.bool, device=scores.device).triu(1)  # [i, j] = i < j
+    a, b = g[:, :, None], g[:, None, :]  # [g, i, j]: s_i vs s_j
+    rank = ((a < b) | ((a == b) & before)).sum(1)
+    return (rank >= m - n).view(out, inp)
 
 
 def global_threshold(scores: list[torch.Tensor], ks: list[int]) -> list[float]:
@@ -250,7 +255,8 @@ class Pruner:
         self.reuse = reuse
         self._norms: dict | None = None
         self._ranks: dict = {}  # (method, scope) -> [rank tensor per target]
-        self._thresholds: dict = {}  # (method, sparsity) -> global threshold
+        self._thresholds: dict = {}  # (method, sparsity) -> per-linear prune counts of a global cut
+        self._sorted = None
         self.stats_seconds = 0.0
 
     # statistics
@@ -270,24 +276,31 @@ class Pruner:
         return wanda_scores(w, self.norms()[target.key])
 
     def forget(self) -> None:
-        self._norms, self._ranks, self._thresholds = None, {}, {}
+        self._norms, self._ranks, self._thresholds, self._sorted = None, {}, {}, None
 
     def prepare(self, method: str, scope: str, sparsities=()) -> None:
         """Orderings (row/layer) or global thresholds for `sparsities`, computed once."""
         t0 = time.perf_counter()
+        group = "layer" if scope == "global" else scope
+        if (method, group) not in self._ranks:
+            ranks, ordered = [], []
+            for t in self.targets:
+                sc = self.scores(method, t)
+                r, srt = group_ranks(sc.reshape(1, -1) if group == "layer" else sc, keep_sorted=scope == "global")
+                ranks.append(r.view_as(sc))
+                ordered.append(srt)
+            self._ranks[(method, group)] = ranks
+            self._sorted = ordered if scope == "global" else None
         if scope == "global":
             todo = sorted({float(s) for s in sparsities} - {s for (m, s) in self._thresholds if m == method})
             if todo:
-                scores = [self.scores(method, t) for t in self.targets]
-                total = sum(sc.numel() for sc in scores)
-                ths = global_threshold(scores, [prune_count(s, total) for s in todo])
-                self._thresholds.update({(method, s): th for s, th in zip(todo, ths)})
-        elif (method, scope) not in self._ranks:
-            ranks = []
-            for t in self.targets:
-                sc = self.scores(method, t)
-                ranks.append(group_ranks(sc.reshape(1, -1) if scope == "layer" else sc).view_as(sc))
-            self._ranks[(method, scope)] = ranks
+                if self._sorted is None:  # layer ranks came from an earlier layer-scope call
+                    self._sorted = [self.scores(method, t).reshape(-1).sort().values for t in self.targets]
+                total = sum(t.module.weight.numel() for t in self.targets)
+                ks = [prune_count(s, total) for s in todo]
+                for s, k, th in zip(todo, ks, global_threshold(self._sorted, ks)):
+                    self._thresholds[(method, s)] = _split_global(self._sorted, k, th)
+                self._sorted = None
         self.stats_seconds += time.perf_counter() - t0
 
     def masks(self, method: str, sparsity: float, pattern: str = "unstructured", scope: str | None = None) -> list[torch.Tensor]:
@@ -299,9 +312,9 @@ class Pruner:
         if nm is not None:
             return [nm_mask(self.scores(method, t), *nm) for t in self.targets]
         self.prepare(method, scope, [sparsity])
-        if scope == "global":
-            th = self._thresholds[(method, float(sparsity))]
-            return global_masks([self.scores(method, t) for t in self.targets], sparsity, th)
+        if scope == "global":  # the global stable order restricted to one linear is its layer order
+            per_layer = self._thresholds[(method, float(sparsity))]
+            return [rank >= k for rank, k in zip(self._ranks[(method, "layer")], per_layer)]
         out = []
         for rank in self._ranks[(method, scope)]:
             n = rank.numel() if scope == "layer" else rank.shape[1]
@@ -309,16 +322,31 @@ class Pruner:
         return out
 
 
-def group_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """(G, n) -> each element's 0-based position in its row's stable ascending sort (int16 if it fits).
+def _split_global(sorted_flat: list[torch.Tensor], k: int, t: float) -> list[int]:
+    """How many of each linear's weights are among the k globally lowest (ties in list order)."""
+    if k == 0:
+        return [0] * len(sorted_flat)
+    tt = torch.tensor([t], dtype=sorted_flat[0].dtype)
+    below = [int(torch.searchsorted(s, tt, right=False)) for s in sorted_flat]
+    upto = [int(torch.searchsorted(s, tt, right=True)) for s in sorted_flat]
+    need = k - sum(below)
+    out = []
+    for b, u in zip(below, upto):
+        take = max(0, min(need, u - b))
+        need -= take
+        out.append(b + take)
+    return out
 
-    `rank >= k` is then exactly the keep-mask of `prune_lowest(scores, k)`, for any k."""
+
+def group_ranks(scores: torch.Tensor, keep_sorted: bool = False):
+    """(G, n) -> (rank, sorted values or None): each element's 0-based position in its row's stable
+    ascending sort (int16 if it fits). `rank >= k` is exactly the keep-mask of `prune_lowest(scores, k)`."""
     G, n = scores.shape
-    order = scores.argsort(dim=1, stable=True)
+    srt, order = scores.sort(dim=1, stable=True)
     dtype = torch.int16 if n <= 2**15 else torch.int32
     rank = torch.empty((G, n), dtype=dtype, device=scores.device)
     rank.scatter_(1, order, torch.arange(n, device=scores.device, dtype=dtype).expand(G, n))
-    return rank
+    return rank, (srt.reshape(-1).cpu() if keep_sorted else None)
 
 
 def measured_sparsity(targets: list[Target], weights: list[torch.Tensor]) -> dict:
@@ -326,7 +354,8 @@ def measured_sparsity(targets: list[Target], weights: list[torch.Tensor]) -> dic
     per_layer, by_block, by_type = [], {}, {}
     zeros_total = numel_total = 0
     for t, w in zip(targets, weights):
-        z, n = int((w == 0).sum()), w.numel()
+        n = w.numel()
+        z = n - int(torch.count_nonzero(w))
         per_layer.append({"block": t.block, "module": t.name, "sparsity": z / n, "zeros": z, "weights": n})
         for d, key in ((by_block, t.block), (by_type, t.name)):
             zz, nn_ = d.get(key, (0, 0))
@@ -343,27 +372,32 @@ def measured_sparsity(targets: list[Target], weights: list[torch.Tensor]) -> dic
     }
 
 
-def build_pruned(lm: LoadedModel, variant: Variant, targets: list[Target], masks: list[torch.Tensor], tag: str, name=None):
-    """A new variant: each touched block is a fresh copy (`copy_block`) with its masked weights.
+def build_pruned(lm: LoadedModel, variant: Variant, targets: list[Target], masks: list[torch.Tensor], tag: str,
+                 name=None, scratch: dict | None = None):
+    """A new variant whose touched blocks are copies (`copy_block`) holding the masked weights.
 
     -> (variant, pruned weights in target order). Blocks whose masks remove nothing stay as they were.
+    `scratch` {block: copy} lets a sweep reuse one set of copies for every point (each point rewrites
+    every target of a touched block from the base weights); such a variant lives until the next point.
     """
     child = variant.derive(name)
-    copies: dict[int, nn.Module] = {}
+    touched = sorted({t.block for t, keep in zip(targets, masks) if not bool(keep.all())})
+    copies = scratch if scratch is not None else {}
+    for i in touched:
+        if i not in copies or scratch is None:
+            copies[i] = copy_block(current_block(lm.model, lm.adapter, variant, i))
     weights = []
-    for t, keep in zip(targets, masks):
-        w0 = linear_weight(t.module)
-        if bool(keep.all()):
-            weights.append(w0)
-            continue
-        if t.block not in copies:
-            copies[t.block] = copy_block(current_block(lm.model, lm.adapter, variant, t.block))
-        mod = lm.adapter.linears(copies[t.block])[t.name]
-        with torch.no_grad():
-            linear_weight(mod).mul_(keep.to(w0.device))  # a view of the copy's own tensor
-        weights.append(linear_weight(mod))
-    for i, blk in copies.items():
-        child.overrides[i] = blk
+    with torch.no_grad():
+        for t, keep in zip(targets, masks):
+            w0 = linear_weight(t.module)
+            if t.block not in touched:
+                weights.append(w0)
+                continue
+            w = linear_weight(lm.adapter.linears(copies[t.block])[t.name])  # a view of the copy's tensor
+            torch.mul(w0, keep.to(w0.device), out=w)
+            weights.append(w)
+    for i in touched:
+        child.overrides[i] = copies[i]
         child.tags[i] = tag
     return child, weights
 
@@ -533,6 +567,7 @@ def sweep(lm: LoadedModel, cfg: SweepConfig | None = None, variant: Variant | No
     curves = {m: {"scope": resolve_scope(m, cfg.scope.get(m)), "points": []} for m in cfg.methods}
     nm_points = []
     eval_s = 0.0
+    scratch: dict = {}  # one copy of each block, rewritten by every point
     for m in cfg.methods:
         if cfg.reuse and "unstructured" in cfg.patterns:
             say(0.02, f"{m}: calibration statistics and thresholds (once)")
@@ -544,7 +579,7 @@ def sweep(lm: LoadedModel, cfg: SweepConfig | None = None, variant: Variant | No
         say(0.05 + 0.95 * j / len(jobs), f"{m} {p} {s * 100:.0f}%")
         t0 = time.perf_counter()
         masks = pruner.masks(m, s, p, curves[m]["scope"])
-        point_variant, weights = build_pruned(lm, variant, targets, masks, sparse_tag(s, p))
+        point_variant, weights = build_pruned(lm, variant, targets, masks, sparse_tag(s, p), scratch=scratch)
         meas = measured_sparsity(targets, weights)
         del masks, weights
         t1 = time.perf_counter()
