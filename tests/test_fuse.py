@@ -271,3 +271,24 @@ def test_gpu_self_check():
 
     result = gpu_self_check()
     assert result["ok"], result
+
+
+def test_second_fusion_trains_on_the_fused_variant(tiny_lm):
+    """Fusions chain: the second one's teacher and inputs come from the variant after the first
+    (recomputed here by hand from the trace, block by block)."""
+    lm = tiny_lm("llama", layers=6)
+    ctx = _ctx(lm)
+    opts = dict(group=3, steps=3, lr=3e-2, loss="mse", **SMALL)
+    both, report, _ = FuseBlocks(blocks=[1, 3], **opts).apply(ctx, original_variant(6))
+    first, _, _ = FuseBlocks(blocks=[1], **opts).apply(ctx, original_variant(6))
+    rep = report["per_block"][1]
+    assert rep["group"] == [0, 2, 3, 4] and rep["neighbours"] == [0, 2, 4]
+    trace = trace_blocks(lm.model, lm.adapter, step_calib(lm, FuseBlocks(blocks=[1], **opts)))
+    mod = {i: first.overrides.get(i, lm.adapter.blocks(lm.model)[i]) for i in range(6)}
+    teacher, student = trace.inputs[0], trace.inputs[0]
+    for i in (0, 2, 3, 4):
+        teacher = run_block(mod[i], teacher, trace.calls[i])
+    for i in (0, 2, 4):
+        student = run_block(mod[i], student, trace.calls[i])
+    assert rep["loss_start"] == pytest.approx(F.mse_loss(student, teacher).item(), rel=1e-5)
+    assert both.dropped() == [1, 3] and both.replaced() == [0, 2, 4]

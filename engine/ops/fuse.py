@@ -137,6 +137,7 @@ class FuseBlocks(Step):
                             seed=ctx.calibration.seed)
         ids = calibration_ids(lm.tokenizer, calib).to(lm.device)
         trace = trace_blocks(lm.model, lm.adapter, ids)  # h_0 and every block's call arguments
+        stream = _Stream(lm, trace)
         cur = variant.derive(f"{variant.name}+fused")
         order, per_block = [], []
         for t in range(n):
@@ -146,7 +147,7 @@ class FuseBlocks(Step):
             else:
                 ctx.report(base, f"fuse {t + 1}/{n}: Macro Influence of {len(cur.kept())} blocks")
                 b, mi = self._lowest_mi(ctx, cur, ids[: self.mi_samples], base, 1 / n)
-            cur, rep = self._fuse_one(ctx, cur, b, trace, base, 1 / n, f"fuse {t + 1}/{n}")
+            cur, rep = self._fuse_one(ctx, cur, b, trace, stream, base, 1 / n, f"fuse {t + 1}/{n}")
             rep["mi"] = mi
             order.append(b)
             per_block.append(rep)
@@ -175,17 +176,7 @@ class FuseBlocks(Step):
         v, i = min(vals) if res.get("higher_is_more_important", True) else max(vals)
         return i, float(v)
 
-    @torch.no_grad()
-    def _group_input(self, lm, variant: Variant, trace, first: int) -> torch.Tensor:
-        """The hidden state the current variant feeds into original block `first`."""
-        h = trace.inputs[0]
-        for i in variant.kept():
-            if i == first:
-                return h
-            h = run_block(current_block(lm.model, lm.adapter, variant, i), h, trace.calls[i])
-        raise AssertionError(f"block {first} is not kept")
-
-    def _fuse_one(self, ctx: OpContext, variant: Variant, b: int, trace, base: float, span: float, label: str):
+    def _fuse_one(self, ctx: OpContext, variant: Variant, b: int, trace, stream, base: float, span: float, label: str):
         lm = ctx.lm
         t0 = time.perf_counter()
         kept = variant.kept()
@@ -196,7 +187,7 @@ class FuseBlocks(Step):
         kind = self.loss if self.loss != "auto" else ("kl" if ends_last and lm.adapter.lm_head(lm.model) else "mse")
         if kind == "kl" and not ends_last:
             raise RecipeError("step 'fuse_blocks': loss 'kl' needs a group that ends at the last block")
-        x = self._group_input(lm, variant, trace, group[0])  # (N, T, d)
+        x = stream.input_of(variant, group[0])  # (N, T, d) what the current variant feeds the group
         calls = {i: trace.calls[i] for i in group}
         pruned = current_block(lm.model, lm.adapter, variant, b)
         with torch.no_grad():
@@ -225,6 +216,7 @@ class FuseBlocks(Step):
         history = self._train(ctx, forward, coef, other, x.shape[0], base, span, f"{label}: block {b}")
         with torch.no_grad():
             loss_end = float(forward(slice(None)))
+        stream.changed_from(group[0])
         new = variant.derive(variant.name)
         new.overrides[b] = DROP
         new.tags.pop(b, None)
@@ -283,6 +275,35 @@ class FuseBlocks(Step):
                 if self.patience and since >= self.patience:
                     break
         return {"loss_start": loss_start, "history": history, "steps_run": step}
+
+
+class _Stream:
+    """The hidden state entering each kept block of the variant being built, cached across fusions:
+    a fusion changes only blocks from its group's first block on, so the states before it stay valid."""
+
+    def __init__(self, lm, trace):
+        self.lm, self.trace = lm, trace
+        self.inputs: dict[int, torch.Tensor] = {}  # original index -> (N, T, d); valid below `valid`
+        self.valid = -1
+
+    @torch.no_grad()
+    def input_of(self, variant: Variant, first: int) -> torch.Tensor:
+        lm, kept = self.lm, variant.kept()
+        known = [i for i in kept if i <= min(first, self.valid) and i in self.inputs]
+        start = known[-1] if known else kept[0]
+        h = self.inputs.get(start, self.trace.inputs[0]) if known else self.trace.inputs[0]
+        for i in kept[kept.index(start):]:
+            self.inputs[i] = h
+            if i == first:
+                self.valid = max(self.valid, first)
+                return h
+            h = run_block(current_block(lm.model, lm.adapter, variant, i), h, self.trace.calls[i])
+        raise AssertionError(f"block {first} is not kept")
+
+    def changed_from(self, first: int) -> None:
+        """Blocks from `first` on changed: forget the states after it (the input of `first` stands)."""
+        self.inputs = {i: h for i, h in self.inputs.items() if i <= first}
+        self.valid = min(self.valid, first)
 
 
 # ---- injection and merge (module surgery on copies) ---------------------------------------------------
