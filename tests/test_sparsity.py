@@ -256,3 +256,10 @@ def test_pruner_cached_orderings_equal_direct_masks(tiny_lm, scope):
             fn = sp.layer_mask if scope == "layer" else sp.row_mask
             ref = [fn(sc, s) for sc in scores]
         assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_sorted_kth_matches_partition():
+    parts = [tied_scores((50,), 4).sort().values / 3, torch.rand(70).sort().values, torch.zeros(5)]
+    flat = torch.cat(parts).sort().values
+    for k in (1, 5, 6, 40, 77, 125):
+        assert sp.sorted_kth(parts, [k])[0] == float(flat[k - 1])

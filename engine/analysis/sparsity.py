@@ -164,6 +164,35 @@ def global_threshold(scores: list[torch.Tensor], ks: list[int]) -> list[float]:
     return [float(part[max(k, 1) - 1]) if k > 0 else -math.inf for k in ks]
 
 
+def sorted_kth(sorted_parts: list[torch.Tensor], ks: list[int]) -> list[float]:
+    """The k-th smallest value over several ascending 1-D tensors of non-negative floats, for each k.
+
+    Bisection on the float32 bit pattern (monotone for non-negative floats); each step counts with
+    one binary search per tensor, so no concatenation or partition of all scores is needed."""
+    parts = [p.float().cpu().contiguous() for p in sorted_parts]
+    if any(bool(p.numel() and p[0] < 0) for p in parts):
+        return global_threshold(parts, ks)
+
+    def count_le(bits: int) -> int:
+        t = torch.tensor([bits], dtype=torch.int32).view(torch.float32)
+        return sum(int(torch.searchsorted(p, t, right=True)) for p in parts)
+
+    out = []
+    for k in ks:
+        if k <= 0:
+            out.append(-math.inf)
+            continue
+        lo, hi = 0, 0x7F800000  # 0.0 .. +inf
+        while lo < hi:  # smallest bit pattern whose value has at least k scores <= it
+            mid = (lo + hi) // 2
+            if count_le(mid) >= k:
+                hi = mid
+            else:
+                lo = mid + 1
+        out.append(float(torch.tensor([lo], dtype=torch.int32).view(torch.float32)))
+    return out
+
+
 def global_masks(scores: list[torch.Tensor], sparsity: float, threshold: float | None = None) -> list[torch.Tensor]:
     """Remove the lowest `sparsity` fraction of all tensors taken together (ties in list, then flat order)."""
     total = sum(s.numel() for s in scores)
@@ -298,7 +327,7 @@ class Pruner:
                     self._sorted = [self.scores(method, t).reshape(-1).sort().values for t in self.targets]
                 total = sum(t.module.weight.numel() for t in self.targets)
                 ks = [prune_count(s, total) for s in todo]
-                for s, k, th in zip(todo, ks, global_threshold(self._sorted, ks)):
+                for s, k, th in zip(todo, ks, sorted_kth(self._sorted, ks)):
                     self._thresholds[(method, s)] = _split_global(self._sorted, k, th)
                 self._sorted = None
         self.stats_seconds += time.perf_counter() - t0
