@@ -10,7 +10,7 @@ On the default model (30 blocks), k = 7 blocks are chosen on the calibration spl
 then each pruned variant is evaluated with `engine.eval.full_eval` on the held-out evaluation split
 (perplexity, and KL / top-1 agreement against the original on the same tokens).
 
-    python bench/influence_quality.py [--k 7] [--samples 4] [--seq-len 64] [--eval-tokens 4096]
+    python bench/influence_quality.py [--k 7] [--samples 4] [--seq-len 64] [--eval-tokens 4096] [--threads N]
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from workbench.commands.analyze_influence import INFLUENCE_SAMPLES, INFLUENCE_SEQ_LEN
 from workbench.engine.analysis import influence_math as im
-from workbench.engine.analysis.influence import all_scores, angular_distances, removal_plan
+from workbench.engine.analysis.influence import angular_distances, block_scores, removal_plan
 from workbench.engine.data import Calibration, calibration_ids
 from workbench.engine.eval import full_eval
 from workbench.engine.loading import load_model
@@ -37,8 +39,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=INFLUENCE_SEQ_LEN)
     ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per evaluation")
     ap.add_argument("--eval-seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json-out", default="bench/results/influence_quality.json")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     lm = load_model(args.model, device="auto")
     calib = Calibration(samples=args.samples, seq_len=args.seq_len)
@@ -54,11 +59,10 @@ def main() -> None:
     p = removal_plan(lm, v0, ids, "mi", k)
     plans["MI iterative"] = {"blocks": p["order"], "seconds": time.perf_counter() - t0}
     plans["MI one-shot"] = {"blocks": im.lowest(p["steps"][0], k), "seconds": None}
-    t0 = time.perf_counter()
-    every = all_scores(lm, v0, ids)
-    t_all = time.perf_counter() - t0
-    plans["BI"] = {"blocks": im.lowest(every["bi"]["values"], k), "seconds": t_all}
-    plans["angular"] = {"blocks": im.lowest(every["angular"]["values"], k), "seconds": t_all}
+    for name, metric in (("BI", "bi"), ("angular", "angular")):
+        t0 = time.perf_counter()
+        vals = block_scores(lm, v0, ids, metric)["values"]
+        plans[name] = {"blocks": im.lowest(vals, k), "seconds": time.perf_counter() - t0}
     t0 = time.perf_counter()
     run = angular_distances(lm, v0, ids)["best"][k - 1]
     plans["angular run"] = {"blocks": run["blocks"], "seconds": time.perf_counter() - t0}
