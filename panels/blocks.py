@@ -45,6 +45,9 @@ def chart_figure(store, sid: str | None, metric: str, progress=None) -> dict:
     values = scores["values"]
     top = max([v for v in values if v is not None] or [1.0]) or 1.0
     xs, ys, colours, states, texts = [], [], [], [], []
+    from workbench.panels.influence import cached_values, hover_extra
+
+    others = cached_values(store, sid, exclude=metric)  # hover shows every metric computed so far
     for i, v in enumerate(values):
         state = variant.block_state(i)
         shown = "pending " + ("drop" if state == "kept" else f"({state})") if i in pending else state
@@ -52,7 +55,7 @@ def chart_figure(store, sid: str | None, metric: str, progress=None) -> dict:
         ys.append(v if v is not None else 0.04 * top)  # dropped blocks: a stub bar, so they stay visible
         colours.append(COLOURS["pending"] if i in pending else _state_colour(state))
         states.append(shown)
-        texts.append("n/a" if v is None else f"{v:.4g}")
+        texts.append(("n/a" if v is None else f"{v:.4g}") + hover_extra(others, i))
     direction = "higher = more important" if scores.get("higher_is_more_important", True) else "lower = more important"
     trace = {
         "type": "bar", "x": xs, "y": ys, "customdata": xs, "marker": {"color": colours},

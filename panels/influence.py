@@ -59,6 +59,18 @@ def every_metric(store, sid: str, progress=None, cancel=None) -> dict:
     return {m: s.scores[_key(store, sid, m)] for m in influence.METRICS if _key(store, sid, m) in s.scores}
 
 
+def cached_values(store, sid: str, exclude: str | None = None) -> dict[str, list]:
+    """{metric: per-block values} already computed for the current variant and calibration (no work)."""
+    s = store.session(sid)
+    return {m: s.scores[_key(store, sid, m)]["values"] for m in influence.METRICS
+            if m != exclude and _key(store, sid, m) in s.scores}
+
+
+def hover_extra(others: dict[str, list], i: int) -> str:
+    """The other metrics of block i for the chart's hover text."""
+    return "".join(f"<br>{m}: {'n/a' if v[i] is None else format(v[i], '.4g')}" for m, v in others.items())
+
+
 def heatmap_figure(runs: dict | None) -> dict:
     """Plotly JSON: rows n = 1..P (run length), columns the run's first block (original index)."""
     if not runs:

@@ -83,3 +83,17 @@ def test_shown_reads_only_the_cache(store, sid):
     for b in runs["best"]:
         assert b["distance"] == min(d for d in runs["matrix"][b["n"] - 1] if d is not None)
     assert io.StringIO(panel.csv_text(rows)).read().count("\n") == 6
+
+
+def test_blocks_chart_hover_shows_every_computed_metric(store, sid):
+    from workbench.panels import blocks
+
+    bar = blocks.chart_figure(store, sid, "bi")["data"][0]
+    assert "<br>mi:" not in bar["hovertext"][0]  # nothing else computed yet
+    _compute(store, sid)
+    bar = blocks.chart_figure(store, sid, "bi")["data"][0]
+    every = panel.cached_values(store, sid)
+    for i, text in enumerate(bar["hovertext"]):
+        assert text.startswith(format(every["bi"][i], ".4g"))
+        for m in ("mi", "angular", "ppl"):
+            assert f"<br>{m}: {format(every[m][i], '.4g')}" in text
