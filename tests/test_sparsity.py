@@ -263,3 +263,29 @@ def test_sorted_kth_matches_partition():
     flat = torch.cat(parts).sort().values
     for k in (1, 5, 6, 40, 77, 125):
         assert sp.sorted_kth(parts, [k])[0] == float(flat[k - 1])
+
+
+# ---- panel handlers, without a browser ----------------------------------------------------------------
+def test_panel_sweep_pick_and_apply(tiny_lm):
+    from workbench.panels import sparsity as panel
+    from workbench.store import Store
+
+    store = Store(default_model="tiny-sparsity", device="cpu")
+    store.register_model(tiny_lm("llama", layers=3), "tiny-sparsity")
+    sid = store.new_session()
+    store.attach(sid)
+    store.set_calibration(sid, 2, 32)
+    res = panel.run_sweep(store, sid, ["magnitude", "wanda"], ["unstructured", "4:8"], points=3, eval_tokens=512)
+    fig = panel.figure(res, log_y=True)
+    assert fig["layout"]["yaxis"]["type"] == "log"
+    curve = next(t for t in fig["data"] if t["name"].startswith("wanda ("))
+    assert curve["y"] == [p["ppl"] for p in res["curves"]["wanda"]["points"]]
+    nm = next(t for t in fig["data"] if t["name"] == "magnitude 4:8")
+    assert panel.decode(nm["customdata"][0]) == ("magnitude", 0.5, "4:8")
+    m, x, p = panel.decode(curve["customdata"][1])
+    assert (m, p) == ("wanda", "unstructured") and x == res["curves"]["wanda"]["points"][1]["target_sparsity"]
+    msg = panel.apply(store, sid, m, x, p)
+    v = store.current(sid)
+    assert v.steps[-1]["op"] == "sparsify" and v.tags[0] == f"sparse {x * 100:.0f}%" and "measured sparsity" in msg
+    assert abs(v.reports[-1]["sparsity"] - res["curves"]["wanda"]["points"][1]["sparsity"]) < 1e-12
+    assert "essential sparsity" in panel.summary(res)

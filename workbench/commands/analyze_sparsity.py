@@ -1,0 +1,61 @@
+"""`workbench analyze sparsity`: perplexity / KL against one-shot sparsity, knee, N:M points, sensitivity.
+
+    workbench analyze sparsity --model M [--recipe R] [--methods magnitude,wanda]
+        [--patterns unstructured,2:4] [--points 10] [--max-sparsity 0.9] [--tolerance 0.01]
+        [--eval-tokens 2048 | --full] [--sensitivity 0.5] --json
+"""
+
+from __future__ import annotations
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def add_parser(sub) -> None:
+    from workbench.cli import add_model_args
+    from workbench.engine.analysis import sparsity as sp
+
+    p = sub.add_parser("sparsity", help="one-shot magnitude / Wanda / N:M sparsity curves and the knee")
+    add_model_args(p)
+    p.add_argument("--methods", type=_csv, default=("magnitude", "wanda"), help="magnitude,wanda")
+    p.add_argument("--patterns", type=_csv, default=("unstructured", "2:4"), help="unstructured,2:4,4:8")
+    p.add_argument("--points", type=int, default=10, help="sparsities from 0 to --max-sparsity (default 10)")
+    p.add_argument("--max-sparsity", type=float, default=0.9)
+    p.add_argument("--tolerance", type=float, default=sp.DEFAULT_TOLERANCE,
+                   help="essential sparsity: perplexity within this fraction of dense (default 0.01)")
+    p.add_argument("--magnitude-scope", default="global", choices=["global", "layer"])
+    p.add_argument("--eval-tokens", type=int, default=sp.DEFAULT_EVAL_TOKENS,
+                   help="first N tokens of the evaluation split (default 2048)")
+    p.add_argument("--full", action="store_true", help="evaluate on the whole evaluation split")
+    p.add_argument("--blocks", type=str, default="", help="comma-separated original block indices (default all)")
+    p.add_argument("--sensitivity", type=float, default=None, metavar="S",
+                   help="also the (module type x block) sensitivity grid at sparsity S")
+    p.add_argument("--sensitivity-method", default="magnitude", choices=list(sp.METHODS))
+    p.set_defaults(func=run)
+
+
+def run(args) -> dict:
+    from workbench.cli import document, open_session, stderr_progress
+    from workbench.engine.analysis import sparsity as sp
+    from workbench.engine.data import calibration_ids
+
+    blocks = tuple(int(b) for b in _csv(args.blocks))
+    cfg = sp.SweepConfig(methods=args.methods, patterns=args.patterns, points=args.points,
+                         max_sparsity=args.max_sparsity, scope={"magnitude": args.magnitude_scope},
+                         eval_tokens=None if args.full else args.eval_tokens, tolerance=args.tolerance,
+                         blocks=blocks)
+    lm, variant, recipe, calib = open_session(args)
+    cfg = sp.SweepConfig(**{**cfg.__dict__, "source": calib.source})
+    ids = calibration_ids(lm.tokenizer, calib).to(lm.device) if "wanda" in cfg.methods else None
+    result = sp.sweep(lm, cfg, variant=variant, calib_ids=ids, progress=stderr_progress)
+    if args.sensitivity is not None:
+        sids = ids if args.sensitivity_method != "wanda" else calibration_ids(lm.tokenizer, calib).to(lm.device)
+        result["sensitivity"] = sp.sensitivity(lm, args.sensitivity_method, args.sensitivity, variant=variant,
+                                               blocks=blocks or None, calib_ids=sids, source=calib.source,
+                                               progress=stderr_progress)
+    units = {"sparsity": "fraction of block linear weights that are exactly zero (measured)",
+             "target_sparsity": "fraction asked for", "ppl": "perplexity (exp mean NLL, nats)",
+             "kl": "nats per token, KL(original || pruned)", "top1": "fraction of tokens",
+             "seconds": "s", "essential_sparsity": "fraction", "max_curvature_sparsity": "fraction"}
+    return document("analyze sparsity", args, lm, recipe, calib, result, units)
