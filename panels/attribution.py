@@ -39,6 +39,10 @@ def summary_text(res: dict) -> str:
         rows.append(f"| {c['variant']} | {c['greedy_text']!r} ({c['greedy_prob']:.2f}) | {c['f_input']:.3f} | "
                     f"{c['f_baseline']:.3f} | {c['sum']:.3f} | {c['delta']:.3g} | {c['seconds']:.1f} s |")
     notes = [f"Baseline: {res['baseline']}."] + res.get("notes", [])
+    bad = [c["variant"] for c in res["columns"] if not c["converged"]]
+    if bad:
+        notes.insert(0, f"**Not converged for {', '.join(bad)}**: the attributions' sum misses f(prompt) - f(baseline) "
+                        "by more than 10 %; more steps may help, and the bars are indicative only.")
     return "\n".join(rows) + "\n\n" + " ".join(notes)
 
 
