@@ -134,9 +134,9 @@ def build(ctx) -> dict:
         skip = gr.Checkbox(False, label="Leave out the first (sink) token")
         block = gr.Dropdown([], label="Block", allow_custom_value=True)
         head = gr.Dropdown(["avg"], value="avg", label="Head")
-        go_b = gr.Button("Show attention", variant="primary")
-    info = gr.Markdown()
-    grid = gr.Plot(label="Layers x heads")
+        go_b = gr.Button("Show attention", variant="primary", elem_id="wb-attention-go")
+    info = gr.Markdown(elem_id="wb-attention-info")
+    grid = gr.Plot(label="Layers x heads", elem_id="wb-attention-grid")
     with gr.Row():
         hmap = gr.Plot(label="One head")
         bars = gr.Plot(label="PageRank")

@@ -60,9 +60,9 @@ def build(ctx) -> dict:
         prompt = gr.Textbox(DEFAULT_PROMPT, label=f"Prompt (its last {DEFAULT_MAX_TOKENS} tokens are used)", lines=2, scale=4)
         target = gr.Textbox("", label="Target next token (empty: the original's greedy token)", scale=1)
         steps = gr.Slider(4, 64, value=DEFAULT_STEPS, step=4, label="Integration steps", scale=1)
-    go_b = gr.Button("Attribute (original vs current variant)", variant="primary")
+    go_b = gr.Button("Attribute (original vs current variant)", variant="primary", elem_id="wb-attribution-go")
     fig = gr.Plot(label="Token attributions")
-    summary = gr.Markdown()
+    summary = gr.Markdown(elem_id="wb-attribution-summary")
 
     def run(s, p, t, n, progress=gr.Progress()):
         return compute(store, s, p, t, n, progress_fn(progress))

@@ -101,11 +101,12 @@ def build(ctx) -> dict:
         by = gr.Dropdown([("block influence (1 - cos)", "map"), ("Macro Influence", "mi")], value="map",
                          label="Colour blocks by")
         feature = gr.Dropdown(list(HEAD_FEATURES), value="first", label="Colour heads by")
-        go_b = gr.Button("Compute map (calibration data)", variant="primary")
-    note = gr.Markdown()
+        go_b = gr.Button("Compute map (calibration data)", variant="primary", elem_id="wb-map-go")
+    note = gr.Markdown(elem_id="wb-map-note")
     with gr.Row():
         bfig = gr.HTML(json.dumps({"data": [], "layout": {"height": 420, "title": {"text": "compute the map"}}}),
-                       html_template='<div class="wb-chart"></div>', js_on_load=js, min_height=420)
+                       html_template='<div class="wb-chart"></div>', js_on_load=js, min_height=420,
+                       elem_id="wb-map-blocks")
         hfig = gr.Plot(label="Heads")
 
     def run(s, f, b, progress=gr.Progress()):

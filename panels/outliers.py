@@ -100,14 +100,14 @@ def build(ctx) -> dict:
     with gr.Row():
         score = gr.Radio([("first token", "noop_first"), ("delimiters", "noop_delim")], value="noop_first",
                          label="No-op score")
-        go_b = gr.Button("Compute on calibration data", variant="primary")
+        go_b = gr.Button("Compute on calibration data", variant="primary", elem_id="wb-outliers-go")
     heat = gr.HTML(json.dumps(noop_figure({"noop_first": []})), html_template='<div class="wb-chart"></div>',
-                   js_on_load=js, min_height=300)
+                   js_on_load=js, min_height=300, elem_id="wb-noop")
     with gr.Row():
-        hmap = gr.Plot(label="Clicked head")
+        hmap = gr.Plot(label="Clicked head", elem_id="wb-noop-head")
         bars = gr.Plot(label="Its PageRank")
     norms = gr.Plot(label="Inf-norm and kurtosis")
-    summary = gr.Markdown()
+    summary = gr.Markdown(elem_id="wb-outliers-summary")
 
     def run(s, sc, progress=gr.Progress()):
         return compute(store, s, sc, progress_fn(progress))
