@@ -289,3 +289,17 @@ def test_panel_sweep_pick_and_apply(tiny_lm):
     assert v.steps[-1]["op"] == "sparsify" and v.tags[0] == f"sparse {x * 100:.0f}%" and "measured sparsity" in msg
     assert abs(v.reports[-1]["sparsity"] - res["curves"]["wanda"]["points"][1]["sparsity"]) < 1e-12
     assert "essential sparsity" in panel.summary(res)
+
+
+@pytest.mark.parametrize("method,scope", [("magnitude", "global"), ("wanda", "row"), ("magnitude", "layer")])
+def test_recompute_mode_gives_the_same_masks(tiny_lm, method, scope):
+    lm = tiny_lm("llama", layers=2)
+    v = original_variant(lm.num_blocks)
+    targets = sp.prunable_linears(lm, v)
+    ids = torch.randint(1, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    reuse, again = sp.Pruner(lm, v, targets, ids), sp.Pruner(lm, v, targets, ids, reuse=False)
+    reuse.prepare(method, scope, [0.2, 0.6])
+    for s in (0.2, 0.6):
+        a, b = reuse.masks(method, s, "unstructured", scope), again.masks(method, s, "unstructured", scope)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert again.stats_seconds > 0

@@ -147,12 +147,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     out, inp = scores.shape
     if inp % m:
         raise RecipeError(f"N:M pattern {n}:{m} needs the input size ({inp}) to be a multiple of {m}")
-    g = scores.reshape(out * inp // m, m)
-    # rank of each weight in its group's stable ascending order, from pairwise comparisons (m is small):
-    # rank_j = #{i: s_i < s_j} + #{i < j: s_i == s_j}
-    before = torch.ones(m, m, dtype=torch.bool, device=scores.device).triu(1)  # [i, j] = i < j
-    a, b = g[:, :, None], g[:, None, :]  # [g, i, j]: s_i vs s_j
-    rank = ((a < b) | ((a == b) & before)).sum(1)
+    rank, _ = group_ranks(scores.reshape(out * inp // m, m))  # stable order within each group of m
     return (rank >= m - n).view(out, inp)
 
 
@@ -597,10 +592,13 @@ def sweep(lm: LoadedModel, cfg: SweepConfig | None = None, variant: Variant | No
     nm_points = []
     eval_s = 0.0
     scratch: dict = {}  # one copy of each block, rewritten by every point
+    stats_by_method = {}
     for m in cfg.methods:
         if cfg.reuse and "unstructured" in cfg.patterns:
-            say(0.02, f"{m}: calibration statistics and thresholds (once)")
+            say(0.02, f"{m}: calibration statistics and orderings (once)")
+            before = pruner.stats_seconds
             pruner.prepare(m, curves[m]["scope"], xs)
+            stats_by_method[m] = pruner.stats_seconds - before
     for j, (m, p, x) in enumerate(jobs):
         _check(cancel)
         nm = parse_pattern(p)
@@ -614,8 +612,9 @@ def sweep(lm: LoadedModel, cfg: SweepConfig | None = None, variant: Variant | No
         t1 = time.perf_counter()
         res = evaluate(lm, point_variant, es)  # derived from `variant`: runs from its first change on
         eval_s += time.perf_counter() - t1
+        t2 = time.perf_counter()
         row = {"target_sparsity": s, "sparsity": meas["overall"], "by_type": meas["by_type"], **res,
-               "seconds": time.perf_counter() - t0}
+               "seconds": t2 - t0, "prune_s": t1 - t0, "eval_s": t2 - t1}
         if nm:
             nm_points.append({"method": m, "pattern": p, **row})
         else:
@@ -638,7 +637,7 @@ def sweep(lm: LoadedModel, cfg: SweepConfig | None = None, variant: Variant | No
         "prunable_weights": sum(t.module.weight.numel() for t in targets),
         "blocks": sorted({t.block for t in targets}),
         "reuse_statistics": cfg.reuse,
-        "timing": {"statistics_s": pruner.stats_seconds, "eval_s": eval_s,
+        "timing": {"statistics_s": pruner.stats_seconds, "statistics_by_method_s": stats_by_method, "eval_s": eval_s,
                    "total_s": time.perf_counter() - t_start},
     }
 
