@@ -329,3 +329,30 @@ def test_views_on_gpu_match_cpu(tiny_lm):
     ra = attr.integrated_gradients(cpu, v, x, 65, attr.baseline_ids(cpu, x), steps=16)
     rb = attr.integrated_gradients(gpu, v, x.cuda(), 65, attr.baseline_ids(gpu, x.cuda()), steps=16)
     assert np.allclose(ra["attributions"], rb["attributions"], atol=1e-3)
+
+
+@pytest.mark.parametrize("step", [
+    {"op": "quantize", "method": "rtn", "bits": 4, "group_size": 32, "blocks": [1]},
+    {"op": "sparsify", "method": "magnitude", "sparsity": 0.5, "blocks": [1]},
+    {"op": "fuse_blocks", "blocks": [1], "steps": 2, "samples": 2, "seq_len": 16, "batch": 2},
+])
+def test_views_run_on_variants_of_every_operation(tiny_lm, step):
+    from workbench.engine.data import Calibration
+    from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
+
+    lm = tiny_lm("llama", layers=4)
+    v0 = original_variant(4)
+    v = apply_steps(OpContext(lm=lm, calibration=Calibration(samples=2, seq_len=16)), v0, [step_from_dict(step)])
+    ids = _ids(7, B=2, T=12)
+    c0, c = att.capture_attention(lm, v0, ids[:1]), att.capture_attention(lm, v, ids[:1])
+    assert c.blocks == v.kept()
+    if step["op"] == "fuse_blocks":
+        assert c.blocks == [0, 2, 3]
+    else:  # block 0 is untouched and sees the same input; block 1 was changed
+        assert torch.equal(c.probs[0], c0.probs[0])
+        assert not torch.allclose(c.probs[1], c0.probs[1], atol=1e-4)
+    st = out.outlier_stats(lm, v, ids)
+    assert [i for i, x in enumerate(st["noop_first"]) if x is not None] == v.kept()
+    assert emap.analyze_map(lm, v, ids)["blocks"]["index"] == v.kept()
+    r = attr.integrated_gradients(lm, v, ids[:1], 65, attr.baseline_ids(lm, ids[:1]), steps=16)
+    assert abs(r["sum"] - (r["f_input"] - r["f_baseline"])) < 0.05 * abs(r["f_input"] - r["f_baseline"]) + 1e-3
