@@ -303,3 +303,8 @@ def test_recompute_mode_gives_the_same_masks(tiny_lm, method, scope):
         a, b = reuse.masks(method, s, "unstructured", scope), again.masks(method, s, "unstructured", scope)
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert again.stats_seconds > 0
+
+
+@pytest.mark.gpu
+def test_gpu_masks_equal_cpu():
+    assert sp.self_check("cuda")["ok"]

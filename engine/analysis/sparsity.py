@@ -679,3 +679,20 @@ def sensitivity(lm: LoadedModel, method: str = "magnitude", sparsity: float = 0.
     return {"method": method, "sparsity": sparsity, "pattern": pattern, "scope": scope, "types": type_names,
             "blocks": block_ids, "kl": kl, "ppl": ppl, "reached": reached, "dense": evaluate(lm, variant, es),
             "evaluation": es.describe(), "seconds": time.perf_counter() - t0}
+
+
+def self_check(device: str = "cuda") -> dict:
+    """Masks and orderings computed on `device` equal the CPU ones (a quick check for a GPU run)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 9, (64, 96), generator=g).float()  # many ties
+    d = s.to(device)
+    checks = {
+        "layer_mask": torch.equal(layer_mask(s, 0.37), layer_mask(d, 0.37).cpu()),
+        "row_mask": torch.equal(row_mask(s, 0.61), row_mask(d, 0.61).cpu()),
+        "nm_2_4": torch.equal(nm_mask(s, 2, 4), nm_mask(d, 2, 4).cpu()),
+        "nm_4_8": torch.equal(nm_mask(s, 4, 8), nm_mask(d, 4, 8).cpu()),
+        "ranks": torch.equal(group_ranks(s)[0], group_ranks(d)[0].cpu()),
+        "global": all(torch.equal(a, b.cpu()) for a, b in zip(global_masks([s, s[:7] * 2], 0.5),
+                                                              global_masks([d, d[:7] * 2], 0.5))),
+    }
+    return {"device": str(device), "ok": all(checks.values()), **checks}
