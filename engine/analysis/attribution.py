@@ -159,8 +159,9 @@ def analyze_attribution(
         raise WorkbenchError(f"output must be 'logprob' or 'logit', got {output!r}")
     ids, notes = prompt_ids(lm, prompt, max_tokens)
     orig = original_variant(variant.num_blocks)
+    greedy = next_token(lm, orig, ids)
     if target is None:
-        target_id, _ = next_token(lm, orig, ids)
+        target_id = greedy[0]
         target_how = "the original model's greedy next token"
     elif isinstance(target, str) and not target.lstrip("-").isdigit():
         enc = lm.tokenizer(target, add_special_tokens=False)["input_ids"]
@@ -180,7 +181,7 @@ def analyze_attribution(
         if progress:
             progress(k / len(runs), f"integrated gradients on {name} ({steps} steps, {ids.shape[1]} tokens)")
         r = integrated_gradients(lm, v, ids, target_id, baseline, steps, output)
-        tok, p = next_token(lm, v, ids)
+        tok, p = greedy if k == 0 else next_token(lm, v, ids)
         r.update(variant=name, greedy_token=tok, greedy_text=token_labels(lm.tokenizer, [tok])[0], greedy_prob=p)
         columns.append(r)
     if progress:
