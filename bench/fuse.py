@@ -11,7 +11,7 @@ The curve re-runs the whole fusion with a smaller step budget per block (same bl
 each point is what that budget really buys; 0 steps is plain removal by construction.
 
     python bench/fuse.py [--steps 12] [--curve 0,4,12] [--samples 4] [--seq-len 128] [--group 7]
-                         [--rank 8] [--lr 0.05] [--eval-tokens 2048] [--threads 1] [--device auto]
+                         [--rank 8] [--lr 0.05] [--eval-tokens 1024] [--threads 1] [--device auto]
                          [--iterative]   # pick each block by MI on the fused model (FuseGPT), not by the plan
 """
 
@@ -66,11 +66,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--iterative", action="store_true", help="k mode: MI recomputed on the fused model")
-    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument("--eval-seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared CPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json-out", default="bench/results/fuse.json")
+    ap.add_argument("--plan-cache", default="bench/results/fuse_plans.json")
+    ap.add_argument("--fresh-plans", action="store_true", help="recompute the removal plans even if cached")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,11 +87,20 @@ def main() -> None:
           f"lr {args.lr}, {args.dtype}; held-out: {args.eval_tokens} tokens in windows of {args.eval_seq_len}")
 
     plan_ids = calibration_ids(lm.tokenizer, Calibration(samples=args.plan_samples, seq_len=args.plan_seq_len))
+    # Plans cost minutes on a shared CPU and do not depend on fusion: cached per model and plan data.
+    cache_path = Path(args.plan_cache)
+    key = f"{lm.source}|{args.plan_samples}x{args.plan_seq_len}|k{k}"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() and not args.fresh_plans else {}
     plans = {}
     for metric in ("mi", "bi", "ppl"):
         t0 = time.perf_counter()
-        plans[metric] = removal_plan(lm, v0, plan_ids.to(lm.device), metric, k)["order"]
-        print(f"plan {metric:>3}: {plans[metric]}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        hit = cache.get(key, {}).get(metric)
+        plans[metric] = hit or removal_plan(lm, v0, plan_ids.to(lm.device), metric, k)["order"]
+        how = "cached from an earlier run; --fresh-plans recomputes" if hit else f"{time.perf_counter() - t0:.0f} s"
+        print(f"plan {metric:>3}: {plans[metric]}  ({how})", flush=True)
+    cache[key] = plans
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cache_path.write_text(json.dumps(cache, indent=2))
 
     def ppl_of(variant):
         return heldout_ppl(lm, variant, args.eval_seq_len, args.eval_tokens)

@@ -214,8 +214,7 @@ class FuseBlocks(Step):
         coef = [p for _, blk in students for m in blk.modules() if isinstance(m, FuseLinear) for p in m.coef_parameters()]
         other = [p for _, blk in students for p in blk.parameters() if p.requires_grad and not any(p is c for c in coef)]
         history = self._train(ctx, forward, coef, other, x.shape[0], base, span, f"{label}: block {b}")
-        with torch.no_grad():
-            loss_end = float(forward(slice(None)))
+        loss_end = history["loss_end"]
         stream.changed_from(group[0])
         new = variant.derive(variant.name)
         new.overrides[b] = DROP
@@ -249,19 +248,26 @@ class FuseBlocks(Step):
         best, since = math.inf, 0
         history: list[list[float]] = []
         t_train = base + 0.2 * span if not self.blocks else base
+        params = coef + other
         with torch.no_grad():
             loss_start = float(forward(slice(None)))
         history.append([0, loss_start])
         ctx.report(t_train, f"{label}: step 0/{self.steps} loss {loss_start:.4g}")
+        # The best state seen (by the loss over one pass of the data, measured before each update);
+        # Adam at a high rate can overshoot on some groups, and a fusion must never end worse than removal.
+        kept_state, kept_loss = [p.detach().clone() for p in params], loss_start
         step = 0
         for step in range(1, self.steps + 1):
             s = starts[(step - 1) % len(starts)]
+            snapshot = [p.detach().clone() for p in params] if len(starts) == 1 else None
             loss = forward(slice(s, s + batch))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            value = float(loss.detach())
+            if snapshot is not None and value < kept_loss:  # full batch: exact loss of `snapshot`
+                kept_state, kept_loss = snapshot, value
             opt.step()
             sched.step()
-            value = float(loss.detach())
             history.append([step, value])
             frac = t_train + (base + span - t_train) * step / max(1, self.steps)
             ctx.report(min(frac, base + span), f"{label}: step {step}/{self.steps} loss {value:.4g}")
@@ -274,7 +280,13 @@ class FuseBlocks(Step):
                     since += 1
                 if self.patience and since >= self.patience:
                     break
-        return {"loss_start": loss_start, "history": history, "steps_run": step}
+        with torch.no_grad():
+            final = float(forward(slice(None)))
+            if final > kept_loss:  # the last update overshot: go back to the best state measured
+                for p, v in zip(params, kept_state):
+                    p.copy_(v)
+                final = float(forward(slice(None)))
+        return {"loss_start": loss_start, "loss_end": final, "history": history, "steps_run": step}
 
 
 class _Stream:
