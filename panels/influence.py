@@ -96,7 +96,7 @@ def heatmap_figure(runs: dict | None) -> dict:
               "title": {"text": "Angular distance d(l, n) = arccos(cos(h_l, h_l+n)) / pi; click a cell to select that run",
                         "font": {"size": 13}},
               "xaxis": {"title": {"text": "first block of the run (original index)"}, "type": "category"},
-              "yaxis": {"title": {"text": "run length n"}}, "showlegend": False,
+              "yaxis": {"title": {"text": "run length n"}, "dtick": 1 if p <= 40 else None}, "showlegend": False,
               "plot_bgcolor": "rgba(0,0,0,0)", "paper_bgcolor": "rgba(0,0,0,0)"}
     return {"data": [heat, marks], "layout": layout}
 
