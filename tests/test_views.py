@@ -356,3 +356,28 @@ def test_views_run_on_variants_of_every_operation(tiny_lm, step):
     assert emap.analyze_map(lm, v, ids)["blocks"]["index"] == v.kept()
     r = attr.integrated_gradients(lm, v, ids[:1], 65, attr.baseline_ids(lm, ids[:1]), steps=16)
     assert abs(r["sum"] - (r["f_input"] - r["f_baseline"])) < 0.05 * abs(r["f_input"] - r["f_baseline"]) + 1e-3
+
+
+def test_cancelled_pass_raises_and_leaves_no_hooks(tiny_lm):
+    import threading
+
+    from workbench.engine.errors import Cancelled
+
+    lm = tiny_lm("llama", layers=2)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        out.outlier_stats(lm, original_variant(2), _ids(8, B=2, T=8), cancel=stop)
+    assert _hooks_left(lm.model) == 0
+
+
+def test_umap_leaves_torch_thread_count_alone():
+    # numba's parallel kernels reset the OpenMP thread count; torch must keep the one it was given.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = emap.embed_2d(np.random.default_rng(0).normal(size=(20, 3)))
+        assert res["method"] == "umap"
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -130,7 +130,7 @@ class AttentionCapture:
 def prompt_ids(lm: LoadedModel, prompt: str | None, max_tokens: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """(1, T) token ids of a prompt (the default one if empty), cropped to its last `max_tokens`."""
     text = prompt if prompt and prompt.strip() else DEFAULT_PROMPT
-    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][:, :]
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
     notes = []
     if ids.shape[1] == 0:
         raise WorkbenchError("the prompt has no tokens")

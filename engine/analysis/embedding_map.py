@@ -13,6 +13,7 @@ CPU); we switch on numba's on-disk cache for them so later processes load them i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -125,6 +126,15 @@ def _umap_module():
     return umap
 
 
+@contextlib.contextmanager
+def _restore_torch_threads(n: int):
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 def embed_2d(features: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1) -> dict:
     """{"xy": (n, 2) list, "method": "umap" | "pca", "reason": why PCA (or None)}."""
     n = features.shape[0]
@@ -136,7 +146,8 @@ def embed_2d(features: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dis
         }
     umap = _umap_module()
     k = max(2, min(n_neighbors, n - 1))
-    with warnings.catch_warnings():
+    threads = torch.get_num_threads()  # numba's parallel kernels reset the OpenMP thread count torch uses
+    with _restore_torch_threads(threads), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # n_jobs overridden by random_state, spectral init fallbacks
         try:
             xy = umap.UMAP(n_neighbors=k, min_dist=min_dist, random_state=seed, init="spectral").fit_transform(features)

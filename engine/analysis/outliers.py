@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import WorkbenchError
+from ..errors import Cancelled, WorkbenchError
 from ..hooks import hooks
 from ..loading import LoadedModel
 from ..workspace import Variant
@@ -131,10 +130,10 @@ def module_points(lm: LoadedModel, block) -> dict:
     pts = {}
     if "o" in lin:
         pts["attn_out"] = (lin["o"], "out")
-    up = lin.get("gate") or lin.get("up") or lin.get("fc1")
+    up = next((lin[k] for k in ("gate", "up", "fc1") if k in lin), None)  # all read the MLP's input
     if up is not None:
         pts["mlp_in"] = (up, "in")
-    down = lin.get("down") or lin.get("fc2")
+    down = next((lin[k] for k in ("down", "fc2") if k in lin), None)
     if down is not None:
         pts["mlp_out"] = (down, "out")
     pts["residual"] = (block, "out")
@@ -160,7 +159,6 @@ def calibration_pass(
     """
     view = isolated_view(lm, variant, "eager" if attention else None)
     pairs = view_blocks(lm, view, variant)
-    owner = threading.get_ident()
     acc: dict = {}
     heads: dict = {}
     io: dict = {}
@@ -188,13 +186,10 @@ def calibration_pass(
                 io[i] = s if i not in io else {k: io[i][k] + v for k, v in s.items()}
 
             handles.append(blk.register_forward_hook(io_hook, with_kwargs=True))
-    assert threading.get_ident() == owner
     n = ids.shape[0]
     with hooks(*handles):
         for start in range(0, n, batch_size):
             if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
-                from ..errors import Cancelled
-
                 raise Cancelled("analysis cancelled")
             batch = ids[start : start + batch_size].to(lm.device)
             delim["mask"] = delimiter_mask(lm.tokenizer, batch)
