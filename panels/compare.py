@@ -200,8 +200,8 @@ def build(ctx) -> dict:
 
     gen_kw = {"concurrency_id": "generate", "concurrency_limit": 1, "show_progress": "minimal"}
     gen_b.click(g(gen), [sid, prompt, max_new], [out_o, out_v, speed], api_name="generate", **gen_kw)
-    ctx.changed.change(g(lambda s: refresh(store, s)), sid, [table, variants, plot], show_progress="minimal").then(
-        g(auto_gen), [sid, auto, prompt, max_new], [out_o, out_v, speed], **gen_kw)
+    ctx.changed.change(g(lambda s: refresh(store, s)), sid, [table, variants, plot], show_progress="minimal")
+    ctx.changed.change(g(auto_gen), [sid, auto, prompt, max_new], [out_o, out_v, speed], **gen_kw)
     switch_b.click(g(lambda s, v: switch(store, s, v)), [sid, variants], ctx.changed, **ctx.heavy)
     undo_b.click(g(lambda s: (store.undo(s), ctx.token())[1]), sid, ctx.changed, **ctx.heavy)
     full_b.click(g(lambda s, m, progress=gr.Progress(): full_evaluation(store, s, m, progress)), [sid, max_tokens], table,

@@ -280,6 +280,24 @@ def test_recipe_download_and_import_replay(store, sid, tmp_path):
     assert store.current(other) is w
 
 
+def test_refreshers_are_chained_after_every_event_that_changes_the_variant(store):
+    """The shared trigger is wired server-side: no browser change event on it (those looped)."""
+    from workbench.app import build_app
+
+    demo = build_app(store=store)
+    changed = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "wb-changed")
+    fns = list(demo.fns.values())
+    sources = [f for f in fns if any(o is changed for o in f.outputs)]
+    assert {"start_session", "load_model", "apply", "undo", "import_recipe"} <= {f.api_name for f in sources}
+    assert not any(t[0] == changed._id and t[1] == "change" for f in fns for t in f.targets)
+    after = {}
+    for f in fns:
+        if f.trigger_after is not None and f.trigger_only_on_success:
+            after.setdefault(f.trigger_after, []).append(f)
+    counts = {len(after.get(s._id, [])) for s in sources}
+    assert len(counts) == 1 and counts.pop() >= 4  # the same refreshers (model, blocks, compare x2, export...)
+
+
 # ---- the app, over HTTP -----------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

@@ -13,7 +13,11 @@ called inside its own `gr.Tab` (title: the module's `TITLE`, else the name capit
   e.g. `ctx.store.lm(sid)`, `ctx.store.current(sid)`, `ctx.store.apply_step(sid, {...}, progress)`.
 - `ctx.changed`: a hidden `gr.Textbox`, the shared "variant changed" trigger. A handler that changes the
   session's model or current variant lists it among its outputs and returns `ctx.token()`; every panel
-  that shows the current variant refreshes on `ctx.changed.change(...)`.
+  that shows the current variant refreshes with `ctx.changed.change(fn, inputs, outputs, **kwargs)`.
+  That `.change` is not the browser's change event (two writes arriving together made the browser fire
+  it over and over): it records the listener, and once every panel is built, `build_app` chains it with
+  `.success(...)` after every event that lists `ctx.changed` among its outputs. It returns None, so
+  chain nothing on it; register a second listener instead.
 - `ctx.heavy`: keyword arguments for heavy events (`concurrency_id="heavy", concurrency_limit=1`), so
   long jobs queue rather than run two at once.
 - `ctx.guard(fn)`: wrap a handler so a `WorkbenchError` becomes a message (gr.Error toast), never a dead
@@ -86,6 +90,28 @@ def guard(fn):
     return plain
 
 
+class ChangeTrigger:
+    """Listeners of the shared "variant changed" trigger, chained server-side (see the module doc)."""
+
+    def __init__(self, component: gr.Textbox):
+        self.component = component
+        self.listeners: list[tuple] = []
+
+    def change(self, fn, inputs=None, outputs=None, **kwargs) -> None:
+        self.listeners.append((fn, inputs, outputs, kwargs))
+
+    def wire(self, demo: gr.Blocks) -> int:
+        """Chain every listener after each event that outputs to the trigger. -> events chained."""
+        from gradio.events import EventListener  # what Dependency.success uses, for events made earlier
+
+        sources = [bf for bf in list(demo.fns.values()) if any(o is self.component for o in bf.outputs)]
+        for bf in sources:
+            for fn, inputs, outputs, kwargs in self.listeners:
+                EventListener("success", trigger_after=bf._id, trigger_only_on_success=True,
+                              has_trigger=False).listener(self.component, fn, inputs, outputs, **kwargs)
+        return len(sources)
+
+
 @dataclass
 class PanelContext:
     store: Store
@@ -127,13 +153,16 @@ def build_app(model: str = DEFAULT_MODEL, device: str = "auto", store: Store | N
         # a plain function, not the bound method: gradio deep-copies the page config, and a bound method
         # would drag the whole store (models included) into that copy on every page load.
         session = gr.State(None, delete_callback=lambda sid: store.drop_session(sid))
-        changed = gr.Textbox(visible="hidden", elem_id="wb-changed", label="changed")
+        changed = gr.Textbox(visible=False, elem_id="wb-changed", label="changed")
+        trigger = ChangeTrigger(changed)
+        changed.change = trigger.change  # panels register refreshers; wired below, server-side
         ctx = PanelContext(store=store, session=session, changed=changed)
         for name in PANELS:
             mod = importlib.import_module(f"workbench.panels.{name}")
             with gr.Tab(getattr(mod, "TITLE", name.capitalize()), id=name):
                 ctx.components[name] = mod.build(ctx)
         demo.load(functools.partial(start_session, store), outputs=[session, changed], api_name="start_session")
+        trigger.wire(demo)
     demo.workbench_store = store
     return demo
 
