@@ -76,14 +76,14 @@ def compute(store, sid, score: str, progress=None):
     return json.dumps(noop_figure(stats, score)), norms_figure(stats), summary_text(stats)
 
 
-def open_head(store, sid, code: int):
-    """The attention map of the clicked head on the default prompt (current variant)."""
+def open_head(store, sid, code: int, prompt: str | None = None):
+    """The attention map of the clicked head on `prompt` (the Attention tab's; current variant)."""
     from workbench.engine.analysis.attention import cached_attention
 
     from .attention import head_figure, pagerank_figure
 
     block, head = divmod(int(code), HEAD_CODE)
-    cap, rep = cached_attention(store.lm(sid), store.current(sid), None)
+    cap, rep = cached_attention(store.lm(sid), store.current(sid), prompt or None)
     pos = cap.blocks.index(block)
     return head_figure(cap, pos, head), pagerank_figure(cap, rep, pos, head)
 
@@ -112,10 +112,17 @@ def build(ctx) -> dict:
     def run(s, sc, progress=gr.Progress()):
         return compute(store, s, sc, progress_fn(progress))
 
-    def clicked(s, evt: gr.EventData):
-        return open_head(store, s, int(evt.block))
+    # The Attention tab's prompt, read only, so a clicked head shows the prompt the person is studying.
+    prompt = ctx.components.get("attention", {}).get("prompt")
+
+    if prompt is not None:
+        def clicked(s, p, evt: gr.EventData):
+            return open_head(store, s, int(evt.block), p)
+    else:
+        def clicked(s, evt: gr.EventData):
+            return open_head(store, s, int(evt.block))
 
     go_b.click(g(run), [sid, score], [heat, norms, summary], **ctx.heavy)
     score.change(g(run), [sid, score], [heat, norms, summary], show_progress="hidden")
-    heat.click(g(clicked), sid, [hmap, bars], **ctx.heavy)
+    heat.click(g(clicked), [sid] + ([prompt] if prompt is not None else []), [hmap, bars], **ctx.heavy)
     return {"heatmap": heat, "norms": norms, "summary": summary, "compute": go_b, "score": score}

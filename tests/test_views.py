@@ -381,3 +381,11 @@ def test_umap_leaves_torch_thread_count_alone():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_blocks_with_outliers_is_the_rule_on_cached_stats(tiny_lm):
+    lm = tiny_lm("opt", layers=3)
+    v, ids = original_variant(3), _ids(9, B=2, T=10)
+    want = [f["block"] for f in out.outlier_blocks(out.outlier_stats(lm, v, ids), inf_norm_factor=1.0)]
+    assert out.blocks_with_outliers(lm, v, ids, inf_norm_factor=1.0) == want
+    assert want  # with factor 1, every block above the median is flagged: the check is not vacuous

@@ -344,3 +344,9 @@ def outlier_stats_cached(lm: LoadedModel, variant: Variant, ids: torch.Tensor, p
             cache.pop(next(iter(cache)))
         cache[key] = outlier_stats(lm, variant, ids, progress=progress, cancel=cancel)
     return cache[key]
+
+
+def blocks_with_outliers(lm: LoadedModel, variant: Variant, ids: torch.Tensor, **rule) -> list[int]:
+    """Original indices of the blocks `outlier_blocks` flags (statistics cached per variant and ids):
+    the one call the quantize panel needs. `rule` passes thresholds on to `outlier_blocks`."""
+    return [f["block"] for f in outlier_blocks(outlier_stats_cached(lm, variant, ids), **rule)]
