@@ -3,11 +3,16 @@ a map click selects a block for pruning, attributions render (tiny model)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from test_browser import ARGS, CHROMIUM, app_url  # noqa: F401  (same app fixture and browser)
 
-pytestmark = [pytest.mark.browser]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"{CHROMIUM} is absent (apt-get install chromium)"),
+]
 
 
 def test_views_in_the_browser(app_url):  # noqa: F811
