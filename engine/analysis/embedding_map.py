@@ -14,6 +14,7 @@ CPU); we switch on numba's on-disk cache for them so later processes load them i
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import warnings
@@ -96,33 +97,26 @@ def pca_2d(x: np.ndarray) -> np.ndarray:
     return out
 
 
-_numba_cache_on = False
-
-
+@functools.lru_cache(maxsize=1)
 def _umap_module():
     """Import umap-learn and turn on numba's disk cache for its kernels (compiled once per machine)."""
-    global _numba_cache_on
     import umap
+    import umap.layouts
     import umap.umap_
+    import umap.utils
 
-    if not _numba_cache_on:
-        try:
-            from numba.core.registry import CPUDispatcher
-
-            import umap.layouts
-            import umap.utils
-
-            for mod in (umap.umap_, umap.utils, umap.layouts):
-                for name in dir(mod):
-                    fn = getattr(mod, name)
-                    if isinstance(fn, CPUDispatcher) and not fn._cache.__class__.__name__ == "FunctionCache":
-                        try:
-                            fn.enable_caching()
-                        except Exception as e:  # no writable cache location: compile each time
-                            log.debug("numba cache not enabled for %s: %s", name, e)
-        except ImportError:
-            pass
-        _numba_cache_on = True
+    try:
+        from numba.core.registry import CPUDispatcher
+    except ImportError:  # numba moved its registry: kernels compile in every process, still correct
+        return umap
+    for mod in (umap.umap_, umap.utils, umap.layouts):
+        for name in dir(mod):
+            fn = getattr(mod, name)
+            if isinstance(fn, CPUDispatcher) and type(fn._cache).__name__ != "FunctionCache":
+                try:
+                    fn.enable_caching()
+                except Exception as e:  # no writable cache location: compile in each process
+                    log.debug("numba cache not enabled for %s: %s", name, e)
     return umap
 
 
