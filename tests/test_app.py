@@ -234,6 +234,8 @@ def test_compare_streams_what_generate_produces(store, sid):
     assert final_v == ev.generate(lm, v, "Hello there", max_new_tokens=12)["text"]
     assert all(final_v.startswith(o[1]) for o in outs if o[1] not in ("…", ""))
     assert "tokens/s" in speed
+    assert compare._decode_rate([10.0, 10.5, 11.0, 11.5]) == pytest.approx(2.0)  # 3 tokens in 1.5 s
+    assert compare._decode_rate([1.0, 2.0]) is None  # too few tokens to time decoding alone
     table = compare.figures_table(store, sid)
     assert f"{store.quick(sid, v)['kl']:.4f}" in table and "noisy" in table
     choices = compare.variant_choices(store, sid)

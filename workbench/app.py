@@ -124,7 +124,7 @@ class PanelContext:
 
     @staticmethod
     def token() -> str:
-        """A fresh value for `changed` (its .change fires whenever the value differs)."""
+        """A fresh value to return for `changed`: marks the event as one that changed the variant."""
         return str(time.time_ns())
 
 

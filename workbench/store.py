@@ -107,7 +107,9 @@ class Store:
             self._sessions.pop(sid, None)
 
     def session(self, sid: str | None) -> Session:
-        s = self._sessions.get(sid) if sid else None
+        if not sid:
+            raise SessionError("the page is still starting: try again in a moment")
+        s = self._sessions.get(sid)
         if s is None:
             raise SessionError("this browser session has expired: reload the page")
         return s
