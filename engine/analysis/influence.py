@@ -181,7 +181,7 @@ def skip_scan(st: VariantStates, finish, max_rows: int | None = None, progress=N
             if n:
                 flat = stack[:n].view(n * b, *x0.shape[1:])  # (n*B, T, d)
                 out = run_block(st.modules[q], flat, _tile_call(st.calls[q], n, b))
-                stack[:n] = out.view(n, *x0.shape)
+                stack[:n] = out.reshape(n, *x0.shape)
                 st.passes += n
                 done += n
                 if progress is not None:
