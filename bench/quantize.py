@@ -60,6 +60,26 @@ def evaluate(lm, variant, max_tokens):
     return r
 
 
+@torch.no_grad()
+def ppl_only(lm, variant, max_tokens):
+    """The variant's held-out perplexity alone (the `ppl` of full_eval, on the same tokens, without the
+    side-by-side reference pass): for ablation rows."""
+    import torch.nn.functional as F
+
+    from workbench.engine.workspace import view_model
+
+    ids = data.evaluation_ids(lm.tokenizer, data.DEFAULT_SOURCE, EVAL_SEQ_LEN, max_tokens)
+    model = view_model(lm.model, lm.adapter, variant)
+    nll, n = 0.0, 0
+    for b0 in range(0, ids.shape[0], 4):
+        batch = ids[b0 : b0 + 4].to(lm.device)
+        logp = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
+        nll += -logp.gather(-1, batch[:, 1:, None]).sum().item()
+        n += batch[:, 1:].numel()
+    return {"ppl": math.exp(nll / n), "kl": float("nan"), "top1": float("nan"), "bytes": ev.size_of(lm, variant)["bytes"],
+            "tokens": n}
+
+
 def row(name, r, dense_ppl, report=None, seconds=None):
     out = {"name": name, "ppl": r["ppl"], "ppl_increase": r["ppl"] - dense_ppl, "kl": r.get("kl", 0.0),
            "top1": r.get("top1", 1.0), "bytes": r["bytes"], "tokens": r["tokens"]}
@@ -169,8 +189,10 @@ def main():
     ap.add_argument("--samples", type=int, default=None, help="calibration samples (default: the default calibration)")
     ap.add_argument("--seq-len", type=int, default=None, help="calibration tokens per sample")
     ap.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many held-out tokens")
-    ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--ablations", default="", help="comma list of GPTQ ablations at the first bit-width: "
+                    "nonseq, noact, group, damp, calib64 (perplexity only: KL/top1 shown as -)")
     ap.add_argument("--with-llmcompressor", action="store_true")
+    ap.add_argument("--llmc-bits", default="4,3", help="bit-widths to run llm-compressor at")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json-out", default="bench/results/quantize.json")
     args = ap.parse_args()
@@ -195,6 +217,7 @@ def main():
     print(HEADER)
     print(fmt(rows[0]), flush=True)
     summary = {}
+    first_bits = int(args.bits.split(",")[0])
     for bits in [int(b) for b in args.bits.split(",")]:
         common = {"op": "quantize", "bits": bits, "group_size": args.group_size, "sym": args.sym, "damp": args.damp}
         v, rep, sec = run_ours(ctx, base, {**common, "method": "rtn"})
@@ -207,19 +230,24 @@ def main():
         cut = 1 - r_gptq["ppl_increase"] / r_rtn["ppl_increase"] if r_rtn["ppl_increase"] > 0 else float("nan")
         summary[f"{bits}bit"] = {"gptq_beats_rtn": r_gptq["ppl"] < r_rtn["ppl"], "rtn_increase_removed": cut,
                                  "objective_ratio": r_gptq["objective_error"] / r_gptq["rtn_objective_error"]}
-        if args.ablations:
-            abl = [
-                ("  GPTQ non-sequential", {**common, "method": "gptq", "act_order": act}, False),
-                ("  GPTQ act_order none", {**common, "method": "gptq", "act_order": None}, True),
-                ("  GPTQ act_order group", {**common, "method": "gptq", "act_order": "group"}, True),
-                ("  GPTQ damp 0.1", {**common, "method": "gptq", "act_order": act, "damp": 0.1}, True),
-            ]
-            for name, step, seq in abl:
-                v, rep, sec = run_ours(ctx, base, step, sequential=seq)
-                r = row(f"{name} {bits}-bit", evaluate(lm, v, args.max_tokens), dense["ppl"], rep, sec)
+        if args.ablations and bits == first_bits:
+            gp = {**common, "method": "gptq", "act_order": act}
+            menu = {
+                "nonseq": ("  GPTQ non-sequential", gp, True, None),
+                "noact": ("  GPTQ act_order none", {**gp, "act_order": None}, True, None),
+                "group": ("  GPTQ act_order group", {**gp, "act_order": "group"}, True, None),
+                "damp": ("  GPTQ damp 0.1", {**gp, "damp": 0.1}, True, None),
+                "calib64": ("  GPTQ 64x128 calibration", gp, True, 64),
+            }
+            for key in args.ablations.split(","):
+                name, step, _, samples = menu[key]
+                c = ctx if samples is None else OpContext(lm=lm, calibration=Calibration(**{**calib.to_dict(), "samples": samples}))
+                v, rep, sec = run_ours(c, base, step, sequential=key != "nonseq")
+                r = row(f"{name} {bits}-bit", ppl_only(lm, v, args.max_tokens), dense["ppl"], rep, sec)
+                r["ablation"] = key
                 rows.append(r)
                 print(fmt(r), flush=True)
-        if args.with_llmcompressor:
+        if args.with_llmcompressor and str(bits) in args.llmc_bits.split(","):
             eval_ids = data.evaluation_ids(lm.tokenizer, calib.source, EVAL_SEQ_LEN, args.max_tokens)
             res = run_llmc(lm, ctx.calib_ids(), eval_ids, bits, args.group_size, args.sym, act, args.damp,
                            torch.get_num_threads())

@@ -128,8 +128,9 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_i
 def objective(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
     """The layer objective tr(D H D^T), D = W - W_hat: with H = X X^T / N, the mean over calibration
     tokens of the squared output error ||D x||^2 summed over output channels."""
-    d = (weight.double() - w_hat.double())
-    return float(((d @ hessian.double()) * d).sum())
+    dt = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
+    d = weight.to(dt) - w_hat.to(dt)
+    return float(((d @ hessian.to(dt)) * d).sum(dtype=torch.float64))
 
 
 def _natural_g_idx(columns: int, scheme: Scheme, device) -> torch.Tensor:

@@ -234,7 +234,7 @@ def quantize_block(block: nn.Module, adapter, hidden: torch.Tensor, call: BlockC
         H = collector.hessian(name)
         rtn_res = solver.rtn(W, scheme, hessian=H)
         res = rtn_res if method == "rtn" else solver.gptq(W, H, scheme)
-        base = float(((W.double() @ H.double()) * W.double()).sum())
+        base = solver.objective(W, torch.zeros_like(W), H)  # tr(W H W^T): the output energy
         set_linear_weight(mod, res.weight)
         mod.workbench_quant = QuantRecord(
             codes=res.codes, scale=res.scale, zero=res.zero, g_idx=res.g_idx, bits=scheme.bits,
