@@ -38,25 +38,26 @@ def _ids(store, sid):
 
 def angular_runs(store, sid: str, progress=None, cancel=None) -> dict:
     """`angular_distances` of the current variant on the session's calibration (cached)."""
-    s, key = store.session(sid), _key(store, sid, "angular_runs")
+    s = store.session(sid)
+    variant, key = s.current, _key(store, sid, "angular_runs")  # taken together: the variant may change
     if key not in s.scores:
         ids = _ids(store, sid)
         with store.using(sid) as lm:
-            s.scores[key] = influence.angular_distances(lm, s.current, ids, progress=progress, cancel=cancel)
+            s.scores[key] = influence.angular_distances(lm, variant, ids, progress=progress, cancel=cancel)
     return s.scores[key]
 
 
 def every_metric(store, sid: str, progress=None, cancel=None) -> dict:
     """All metrics of the current variant from one scan; also filled into the Blocks chart's cache."""
     s = store.session(sid)
-    missing = [m for m in influence.METRICS if _key(store, sid, m) not in s.scores]
-    if missing:
+    variant, keys = s.current, {m: _key(store, sid, m) for m in influence.METRICS}
+    if any(k not in s.scores for k in keys.values()):
         ids = _ids(store, sid)
         with store.using(sid) as lm:
-            every = influence.all_scores(lm, s.current, ids, progress=progress, cancel=cancel)
+            every = influence.all_scores(lm, variant, ids, progress=progress, cancel=cancel)
         for m, res in every.items():
-            s.scores.setdefault(_key(store, sid, m), res)
-    return {m: s.scores[_key(store, sid, m)] for m in influence.METRICS if _key(store, sid, m) in s.scores}
+            s.scores.setdefault(keys[m], res)
+    return {m: s.scores[k] for m, k in keys.items() if k in s.scores}
 
 
 def cached_values(store, sid: str, exclude: str | None = None) -> dict[str, list]:
