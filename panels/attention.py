@@ -110,9 +110,9 @@ def render(store, sid, prompt: str, which: str, damping: float, skip_first: bool
            progress=None):
     """-> (grid, head map, PageRank bars, info, block choices update) for the chosen variant."""
 
-    lm = store.lm(sid)
     variant = pick_variant(store, sid, which)
-    cap, rep = cached_attention(lm, variant, prompt, 512, float(damping), bool(skip_first), progress=progress)
+    with store.using(sid) as lm:  # hooks on the shared model: one computation at a time
+        cap, rep = cached_attention(lm, variant, prompt, 512, float(damping), bool(skip_first), progress=progress)
     pos = cap.blocks.index(int(block)) if block is not None and int(block) in cap.blocks else 0
     h = None if head in (None, "", "avg") else int(head)
     info = (f"**{variant.name}** · {len(cap.tokens)} tokens · {len(cap.blocks)} blocks x {cap.num_heads} heads"

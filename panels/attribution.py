@@ -47,8 +47,9 @@ def summary_text(res: dict) -> str:
 
 
 def compute(store, sid, prompt: str, target: str, steps: int, progress=None):
-    res = analyze_attribution(store.lm(sid), store.current(sid), prompt, target.strip() or None, int(steps),
-                              DEFAULT_MAX_TOKENS, progress=progress)
+    with store.using(sid) as lm:  # one computation on the shared model at a time
+        res = analyze_attribution(lm, store.current(sid), prompt, target.strip() or None, int(steps),
+                                  DEFAULT_MAX_TOKENS, progress=progress)
     return attribution_figure(res), summary_text(res)
 
 

@@ -62,7 +62,9 @@ def _cached(store, sid, progress=None) -> dict:
         ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device)
         if len(cache) >= 4:
             cache.pop(next(iter(cache)))
-        cache[key] = analyze_map(lm, s.current, ids, seed=s.calibration.seed, progress=progress, cancel=store.begin_job(sid))
+        with store.using(sid):  # hooks on the shared model: one computation at a time
+            cache[key] = analyze_map(lm, s.current, ids, seed=s.calibration.seed, progress=progress,
+                                     cancel=store.begin_job(sid))
     return cache[key]
 
 

@@ -72,7 +72,8 @@ def compute(store, sid, score: str, progress=None):
 
     lm, s = store.lm(sid), store.session(sid)
     ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device)
-    stats = outlier_stats_cached(lm, s.current, ids, progress=progress, cancel=store.begin_job(sid))
+    with store.using(sid):  # hooks on the shared model: one computation at a time
+        stats = outlier_stats_cached(lm, s.current, ids, progress=progress, cancel=store.begin_job(sid))
     return json.dumps(noop_figure(stats, score)), norms_figure(stats), summary_text(stats)
 
 
@@ -83,7 +84,8 @@ def open_head(store, sid, code: int, prompt: str | None = None):
     from .attention import head_figure, pagerank_figure
 
     block, head = divmod(int(code), HEAD_CODE)
-    cap, rep = cached_attention(store.lm(sid), store.current(sid), prompt or None)
+    with store.using(sid) as lm:
+        cap, rep = cached_attention(lm, store.current(sid), prompt or None)
     pos = cap.blocks.index(block)
     return head_figure(cap, pos, head), pagerank_figure(cap, rep, pos, head)
 
