@@ -155,8 +155,22 @@ def apply(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: 
     except Cancelled:
         gr.Warning("Cancelled: nothing was changed.")
         return "Cancelled: the current variant is unchanged.", gr.skip()
-    report = {k: val for k, val in (v.reports[-1] if v.reports else {}).items() if not isinstance(val, (list, dict))}
-    return f"Applied `{json.dumps(v.steps[-1])}` → variant **{v.name}**. Measured: `{json.dumps(report)}`", PanelContext.token()
+    full = v.reports[-1] if v.reports else {}
+    report = {k: val for k, val in full.items() if not isinstance(val, (list, dict))}
+    text = f"Applied `{json.dumps(v.steps[-1])}` → variant **{v.name}**. Measured: `{json.dumps(report)}`"
+    return text + fuse_summary(full), PanelContext.token()
+
+
+def fuse_summary(report: dict) -> str:
+    """Per fused block: its group loss before -> after and the loss curve as a sparkline."""
+    lines = []
+    for r in report.get("per_block") or []:
+        losses = [h[1] for h in r.get("history", [])]
+        lo, hi = min(losses or [0.0]), max(losses or [0.0])
+        spark = "".join("▁▂▃▄▅▆▇█"[int(7 * (x - lo) / (hi - lo)) if hi > lo else 0] for x in losses)
+        lines.append(f"- block {r['block']} → {r['neighbours']}: {r['loss']} {r['loss_start']:.4g} → "
+                     f"{r['loss_end']:.4g} in {r['steps_run']} steps ({r['seconds']:.0f} s) `{spark}`")
+    return "\n\nFusion (loss of the group vs. the block present):\n" + "\n".join(lines) if lines else ""
 
 
 def undo(store, sid: str) -> tuple[str, str]:

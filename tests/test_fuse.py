@@ -292,3 +292,13 @@ def test_second_fusion_trains_on_the_fused_variant(tiny_lm):
         student = run_block(mod[i], student, trace.calls[i])
     assert rep["loss_start"] == pytest.approx(F.mse_loss(student, teacher).item(), rel=1e-5)
     assert both.dropped() == [1, 3] and both.replaced() == [0, 2, 4]
+
+
+def test_panel_fuse_summary_shows_each_block_and_its_curve():
+    from workbench.panels.blocks import fuse_summary
+
+    report = {"per_block": [{"block": 3, "neighbours": [1, 2, 4], "loss": "mse", "loss_start": 4.0, "loss_end": 1.0,
+                             "steps_run": 3, "seconds": 2.0, "history": [[0, 4.0], [1, 3.0], [2, 2.0], [3, 1.0]]}]}
+    text = fuse_summary(report)
+    assert "block 3 → [1, 2, 4]" in text and "4 → 1" in text and "`█▅▃▁`" in text  # levels int(7 * (x - 1) / 3): 7, 4, 2, 0
+    assert fuse_summary({"op": "prune_blocks"}) == ""
