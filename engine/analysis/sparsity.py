@@ -316,7 +316,7 @@ class Pruner:
             self._ranks[(method, group)] = ranks
             self._sorted = ordered if scope == "global" else None
         if scope == "global":
-            todo = sorted({float(s) for s in sparsities} - {s for (m, s) in self._thresholds if m == method})
+            todo = sorted({_key(s) for s in sparsities} - {s for (m, s) in self._thresholds if m == method})
             if todo:
                 if self._sorted is None:  # layer ranks came from an earlier layer-scope call
                     self._sorted = [self.scores(method, t).reshape(-1).sort().values for t in self.targets]
@@ -337,13 +337,17 @@ class Pruner:
             return [nm_mask(self.scores(method, t), *nm) for t in self.targets]
         self.prepare(method, scope, [sparsity])
         if scope == "global":  # the global stable order restricted to one linear is its layer order
-            per_layer = self._thresholds[(method, float(sparsity))]
+            per_layer = self._thresholds[(method, _key(sparsity))]
             return [rank >= k for rank, k in zip(self._ranks[(method, "layer")], per_layer)]
         out = []
         for rank in self._ranks[(method, scope)]:
             n = rank.numel() if scope == "layer" else rank.shape[1]
             out.append(rank >= prune_count(sparsity, n))
         return out
+
+
+def _key(sparsity: float) -> float:
+    return round(float(sparsity), 9)  # 0.1 * 6 and 0.6 name the same point
 
 
 def _split_global(sorted_flat: list[torch.Tensor], k: int, t: float) -> list[int]:
