@@ -70,6 +70,14 @@ def test_fuse_linear_matches_naive_formula(mode):
     assert fl.weight_base.equal(w) and fl.weight_add.equal(w_add)  # frozen inputs untouched
 
 
+def test_lr_schedule_warms_up_then_decays():
+    from workbench.engine.ops.fuse import lr_factor
+
+    assert [lr_factor(t, 6, 2) for t in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert lr_factor(4, 6, 2) == pytest.approx(0.5)  # half-way through the cosine part
+    assert lr_factor(0, 4, 0) == 1.0 and 0 < lr_factor(3, 4, 0) < 0.2
+
+
 def test_step_validation_names_the_field():
     with pytest.raises(RecipeError, match="either 'blocks'"):
         FuseBlocks(blocks=[1], k=1)

@@ -64,6 +64,14 @@ def group_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, head=Non
     return (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean()
 
 
+def lr_factor(t: int, steps: int, warmup: int) -> float:
+    """Multiplier of the base rate at optimiser step t (0-based): linear warm-up over `warmup` steps,
+    then cosine decay towards 0 over the rest (FuseGPT: cosine only, over thousands of steps)."""
+    if t < warmup:
+        return (t + 1) / (warmup + 1)
+    return 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / max(1, steps - warmup)))
+
+
 def _int_tuple(value, name: str) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(b, int) and not isinstance(b, bool) for b in value):
         raise RecipeError(f"step 'fuse_blocks': '{name}' must be a list of block indices, got {value!r}")
@@ -90,6 +98,7 @@ class FuseBlocks(Step):
     batch: int = 4  # windows per optimiser step (= samples: full batch, exact best-state tracking)
     lr: float = 0.05  # coefficients (FuseGPT: 1e-3 over ~2,500 steps; few CPU steps need more)
     lr_other: float = 1e-4  # norm gains / LoRA
+    warmup: int = 2  # steps of linear warm-up before the cosine decay (Adam's first steps overshoot)
     train_norms: bool = True
     loss: str = "auto"  # "auto": MSE, or KL where the group ends at the last block
     patience: int = 10  # steps without a 0.1 % better (smoothed) loss before stopping; 0 = never
@@ -100,7 +109,7 @@ class FuseBlocks(Step):
     def __post_init__(self):
         object.__setattr__(self, "blocks", _int_tuple(self.blocks, "blocks"))
         ints = {"k": 0, "group": 1, "rank": 1, "lora_rank": 0, "steps": 0, "samples": 1, "seq_len": 2,
-                "batch": 1, "patience": 0, "mi_samples": 1, "seed": 0}
+                "batch": 1, "patience": 0, "mi_samples": 1, "seed": 0, "warmup": 0}
         for name, low in ints.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
@@ -235,13 +244,13 @@ class FuseBlocks(Step):
         }
 
     def _train(self, ctx: OpContext, forward, coef, other, n_rows: int, base: float, span: float, label: str) -> dict:
-        """Adam (betas 0.9/0.95 as FuseGPT) + cosine schedule over minibatches of rows; early stop when
+        """Adam (betas 0.9/0.95 as FuseGPT), warm-up + cosine schedule, over minibatches of rows; early stop when
         the loss averaged over one pass of the data has not improved by 0.1 % for `patience` steps."""
         groups = [{"params": coef, "lr": self.lr}]
         if other:
             groups.append({"params": other, "lr": self.lr_other})
         opt = torch.optim.Adam(groups, betas=(0.9, 0.95), eps=1e-8)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, self.steps, self.warmup))
         batch = min(self.batch, n_rows)
         starts = list(range(0, n_rows - batch + 1, batch)) or [0]
         window: list[float] = []
