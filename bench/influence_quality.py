@@ -80,8 +80,9 @@ def main() -> None:
         plan.update({"ppl": ev["ppl"], "kl": ev["kl"], "top1": ev["top1"], "tokens": ev["tokens"]})
         secs = f"{plan['seconds']:.1f}" if plan["seconds"] is not None else "(=MI)"
         print(f"{name:<14} {str(plan['blocks']):<52} {ev['ppl']:9.2f} {ev['kl']:7.3f} {ev['top1']:6.3f} {secs:>7}", flush=True)
-    best = min(plans, key=lambda n: plans[n]["ppl"])
-    print(f"\nlowest held-out perplexity: {best}")
+    low = min(p["ppl"] for p in plans.values())
+    best = [n for n, p in plans.items() if p["ppl"] <= low * (1 + 1e-9)]
+    print(f"\nlowest held-out perplexity: {', '.join(best)} ({low:.2f})")
 
     out = {"model": lm.name, "k": k, "calibration": calib.to_dict(), "eval_tokens": base["tokens"],
            "ppl_original": base["ppl"], "plans": plans, "best": best}
