@@ -204,7 +204,7 @@ def build(ctx) -> dict:
     with gr.Row():
         mode = gr.Radio(MODES, value="prune", label="Mode", scale=2)
         rank = gr.Number(8, label="fuse: rank", precision=0, minimum=1, visible=False)
-        fsteps = gr.Number(40, label="fuse: steps", precision=0, minimum=0, visible=False)
+        fsteps = gr.Number(16, label="fuse: steps", precision=0, minimum=0, visible=False)
         method = gr.Dropdown(["gptq", "rtn"], value="gptq", label="quantize: method", visible=False)
         bits = gr.Dropdown([2, 3, 4, 8], value=4, label="quantize: bits", visible=False)
         group = gr.Dropdown([32, 64, 128, -1], value=64, label="quantize: group size", visible=False)
