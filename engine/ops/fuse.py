@@ -413,8 +413,8 @@ def fused_group_forward(blocks: list[nn.Module], x: torch.Tensor, calls: list[Bl
 
 def gpu_self_check(device: str = "cuda") -> dict:
     """For the lead on a GPU machine: fuse one block of a tiny random Llama in fp32 and in bf16 autocast
-    on `device`; both must lower the group loss, and the merged bf16 result must equal its unmerged
-    injected group (fp32 merge). -> {"ok", "fp32": (start, end), "bf16": (start, end), "seconds", ...}."""
+    on `device`; both must lower the group loss by at least 10 % and give finite logits after the merge,
+    with the merged weights on the device. -> {"ok", "fp32": (start, end), "bf16": (start, end), ...}."""
     import transformers as tf
 
     from ..loading import wrap_model
@@ -450,7 +450,9 @@ def gpu_self_check(device: str = "cuda") -> dict:
         with torch.no_grad():
             logits = view_model(lm.model, lm.adapter, v)(input_ids=ids, use_cache=False).logits
         ok &= bool(torch.isfinite(logits).all())
-        out[f"{dtype}_weights_on"] = str(next(v.overrides[1].parameters()).device)
+        on = next(v.overrides[1].parameters()).device
+        out[f"{dtype}_weights_on"] = str(on)
+        ok &= on.type == lm.device.type
     out["ok"] = bool(ok)
     out["seconds"] = time.perf_counter() - t0
     return out
