@@ -29,13 +29,33 @@ QUICK_CACHE_BUDGET_BYTES = 512 * 2**20  # stated budget for one model's quick-se
 
 @dataclass
 class QuickCache:
+    """The original's side of every quick comparison, computed once.
+
+    KL(p || q) = sum_v p_v log p_v - sum_v p_v log q_v, and log q_v = z_v - lse(z) for the variant's logits
+    z: with the original's probabilities p (fp16) and its negative entropy sum p log p (fp32) cached, a
+    comparison needs only the variant's logits, one logsumexp and one dot product per token.
+    """
+
     ids: torch.Tensor  # (B, T)
     trace: BlockTrace
-    ref_logp: torch.Tensor  # (B, T-1, V) fp16 log-probs of the original at positions predicting ids[:, 1:]
+    ref_p: torch.Tensor  # (B, T-1, V) fp16 probabilities of the original at positions predicting ids[:, 1:]
+    ref_negent: torch.Tensor  # (B, T-1) fp32 sum_v p log p
+    ref_top1: torch.Tensor  # (B, T-1) the original's argmax
     ref_nll: float
 
     def nbytes(self) -> int:
-        return self.trace.nbytes() + self.ref_logp.numel() * self.ref_logp.element_size()
+        return self.trace.nbytes() + sum(t.numel() * t.element_size() for t in (self.ref_p, self.ref_negent, self.ref_top1))
+
+    def compare(self, logits: torch.Tensor) -> dict:
+        """Sums over the quick tokens, as `compare` returns them, from the variant's logits (B, T-1, V)."""
+        logits = logits.float()
+        lse = torch.logsumexp(logits, dim=-1)  # (B, T-1)
+        targets = self.ids[:, 1:]
+        p_dot_z = torch.einsum("btv,btv->bt", self.ref_p.float(), logits)
+        kl = self.ref_negent - p_dot_z + lse
+        nll = lse - logits.gather(-1, targets[..., None]).squeeze(-1)
+        agree = (logits.argmax(-1) == self.ref_top1).float()
+        return {"kl": kl.sum().item(), "agree": agree.sum().item(), "nll": nll.sum().item(), "n": targets.numel()}
 
 
 _cache_lock = threading.Lock()
@@ -51,7 +71,9 @@ def quick_cache(lm: LoadedModel) -> QuickCache:
             logits = lm.adapter.head(lm.model, trace.output)
             logp = F.log_softmax(logits[:, :-1], dim=-1)
             nll = -logp.gather(-1, ids[:, 1:, None]).mean().item()
-            qc = QuickCache(ids=ids, trace=trace, ref_logp=logp.half(), ref_nll=nll)
+            p16 = logp.exp().half()
+            negent = (p16.float() * logp).sum(-1)  # with the stored (rounded) p, so KL(p || p) = 0 exactly-ish
+            qc = QuickCache(ids=ids, trace=trace, ref_p=p16, ref_negent=negent, ref_top1=logp.argmax(-1), ref_nll=nll)
             if qc.nbytes() > QUICK_CACHE_BUDGET_BYTES:
                 raise MemoryError(f"quick cache needs {qc.nbytes() / 2**20:.0f} MiB, over its budget")
             lm._quick_cache = qc
@@ -111,8 +133,7 @@ def quick_eval(lm: LoadedModel, variant: Variant) -> dict:
         s = {"kl": 0.0, "agree": float(targets.numel()), "nll": qc.ref_nll * targets.numel(), "n": targets.numel()}
     else:
         h = run_from(lm, variant, qc.trace, variant.first_change())
-        logits = lm.adapter.head(lm.model, h)[:, :-1]
-        s = compare(qc.ref_logp, logits, targets)
+        s = qc.compare(lm.adapter.head(lm.model, h)[:, :-1])
     out = _summarise(s)
     out.update(size_of(lm, variant))
     out["tokens"] = int(s["n"])
