@@ -308,3 +308,28 @@ def test_recompute_mode_gives_the_same_masks(tiny_lm, method, scope):
 @pytest.mark.gpu
 def test_gpu_masks_equal_cpu():
     assert sp.self_check("cuda")["ok"]
+
+
+def test_cli_rejects_unknown_method_in_one_line(capsys):
+    from workbench.cli import main
+
+    assert main(["analyze", "sparsity", "--methods", "random", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown sparsity method 'random'" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_cli_sparsity_json_on_default_model(default_lm, capsys):
+    import json
+
+    from workbench.cli import main
+
+    code = main(["analyze", "sparsity", "--methods", "magnitude", "--patterns", "unstructured,2:4", "--points", "2",
+                 "--max-sparsity", "0.5", "--eval-tokens", "256", "--blocks", "29", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    res = json.loads(out)["result"]
+    pts = res["curves"]["magnitude"]["points"]
+    assert [p["target_sparsity"] for p in pts] == [0.0, 0.5] and res["blocks"] == [29]
+    assert pts[1]["sparsity"] == 0.5 and pts[1]["kl"] > 0 and res["nm"][0]["pattern"] == "2:4"
+    assert res["evaluation"]["tokens_scored"] == 255
