@@ -333,3 +333,50 @@ def test_cli_sparsity_json_on_default_model(default_lm, capsys):
     assert [p["target_sparsity"] for p in pts] == [0.0, 0.5] and res["blocks"] == [29]
     assert pts[1]["sparsity"] == 0.5 and pts[1]["kl"] > 0 and res["nm"][0]["pattern"] == "2:4"
     assert res["evaluation"]["tokens_scored"] == 255
+
+
+@pytest.mark.browser
+def test_browser_sweep_click_point_apply(tiny_lm):
+    """Headless Chromium: run the sweep, click a curve point, apply it; the step is what was clicked."""
+    from pathlib import Path
+
+    if not Path("/usr/bin/chromium").is_file():
+        pytest.skip("/usr/bin/chromium is absent")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from test_app import free_port
+
+    from workbench.app import build_app, css
+    from workbench.store import Store
+
+    store = Store(default_model="tiny-sparsity-ui", device="cpu")
+    store.register_model(tiny_lm("llama", layers=3), "tiny-sparsity-ui")
+    demo = build_app(store=store)
+    demo.queue(default_concurrency_limit=4)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, css=css(), quiet=True)
+    errors: list[str] = []
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1300, "height": 1300})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.get_by_role("button", name="Load", exact=True).click()
+            page.wait_for_selector("#wb-model-info:has-text('3 blocks')", timeout=120_000)
+            page.get_by_role("tab", name="Sparsity").click()
+            page.get_by_role("button", name="Run sweep").click()
+            page.wait_for_selector("#wb-sparsity-chart .scatterlayer .trace .point", timeout=120_000)
+            page.locator("#wb-sparsity-chart .scatterlayer .trace").first.locator(".point").nth(3).click(force=True)
+            page.wait_for_timeout(1500)
+            page.get_by_role("button", name="Apply to current variant").click()
+            page.wait_for_selector("text=measured sparsity", timeout=120_000)
+            browser.close()
+    finally:
+        demo.close()
+    assert not errors
+    sid = next(iter(store._sessions))
+    step = store.current(sid).steps[-1]
+    # the 4th point of a curve is 30 %; where the two curves overlap the click lands on the top one
+    scope = {"magnitude": "global", "wanda": "row"}[step["method"]]
+    assert step == {"op": "sparsify", "method": step["method"], "sparsity": 0.3, "pattern": "unstructured",
+                    "scope": scope, "blocks": [0, 1, 2]}
