@@ -267,9 +267,10 @@ class Pruner:
     """Scores, orderings and masks for one base variant and one set of target linears.
 
     `prepare(method, scope, sparsities)` does the once-per-sweep work: the calibration pass (Wanda) and
-    either the stable rank of every weight within its comparison group (`row`, `layer`: int16/int32,
-    one argsort per linear) or one global partition giving the threshold of each sparsity (`global`).
-    A point's mask then costs one or two element-wise passes. With `reuse=False` nothing is kept
+    the stable rank of every weight within its comparison group (`row`: int16, `layer`: int32, one
+    argsort per linear) and, for `global`, how many weights of each linear a global cut at each
+    sparsity takes (bisection over the per-linear sorted scores). A point's mask then costs one
+    comparison per weight. With `reuse=False` nothing is kept
     between points (calibration pass and orderings are redone), the benchmark's baseline.
     """
 
