@@ -10,7 +10,7 @@ tokens without re-running the original each time (the dense figure is printed bo
 The curve re-runs the whole fusion with a smaller step budget per block (same blocks, same data), so
 each point is what that budget really buys; 0 steps is plain removal by construction.
 
-    python bench/fuse.py [--steps 16] [--curve 0,4] [--samples 8] [--batch 8] [--seq-len 128] [--group 7]
+    python bench/fuse.py [--steps 16] [--curve 0,4] [--samples 16] [--batch 16] [--seq-len 128] [--group 7]
                          [--rank 8] [--lr 0.05] [--eval-tokens 1024] [--threads 1] [--device auto]
                          [--iterative]   # pick each block by MI on the fused model (FuseGPT), not by the plan
 """
@@ -57,9 +57,9 @@ def main() -> None:
     ap.add_argument("--plan-seq-len", type=int, default=SCAN_SEQ_LEN)
     ap.add_argument("--steps", type=int, default=16, help="optimiser steps per fused block (the headline run)")
     ap.add_argument("--curve", default="0,4", help="smaller step budgets to re-run for the curve")
-    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--group", type=int, default=7)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--coef", default="lowrank")

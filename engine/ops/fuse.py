@@ -93,9 +93,9 @@ class FuseBlocks(Step):
     coef: str = "lowrank"  # "lowrank" (P Q), "vector" (one scale per output row) or "full"
     lora_rank: int = 0  # optional LoRA term on each neighbour weight (0 = none)
     steps: int = 16  # optimiser steps per fused block (upper bound; early stop may end sooner)
-    samples: int = 8  # calibration windows for training (FuseGPT: 128..1024 x 2048 tokens on a GPU)
+    samples: int = 16  # calibration windows for training (FuseGPT: 128..1024 x 2048 tokens on a GPU)
     seq_len: int = 128
-    batch: int = 8  # windows per optimiser step (= samples: full batch, exact best-state tracking)
+    batch: int = 16  # windows per optimiser step (= samples: full batch, exact best-state tracking)
     lr: float = 0.05  # coefficients (FuseGPT: 1e-3 over ~2,500 steps; few CPU steps need more)
     lr_other: float = 1e-4  # norm gains / LoRA
     warmup: int = 2  # steps of linear warm-up before the cosine decay (Adam's first steps overshoot)
