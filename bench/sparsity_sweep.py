@@ -20,6 +20,7 @@ printed beside them). Results accumulate in bench/results/sparsity_sweep.json.
     python bench/sparsity_sweep.py --part baseline --method magnitude
     python bench/sparsity_sweep.py --part baseline --method wanda
     python bench/sparsity_sweep.py --part report          # the ratios from the saved parts
+    python bench/sparsity_sweep.py --part sweep --eval-tokens 1024   # the same with a smaller subset
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def show_curves(res: dict) -> None:
 
 
 def part_sweep(args, lm, calib) -> None:
-    cfg = sp.SweepConfig(points=args.points)  # the panel defaults
+    cfg = sp.SweepConfig(points=args.points, eval_tokens=args.eval_tokens)  # the panel defaults (2048 tokens)
     print(f"panel defaults: methods {cfg.methods}, patterns {cfg.patterns}, {cfg.points} points to {cfg.max_sparsity}, "
           f"{cfg.eval_tokens} evaluation tokens; load {load()}", flush=True)
     w0, c0 = time.perf_counter(), time.process_time()
@@ -88,7 +89,8 @@ def part_sweep(args, lm, calib) -> None:
         print(f"{m}: {len(c['points'])}-point sweep with reuse = {st:.1f}s statistics once + {pts:.1f}s points "
               f"= {st + pts:.1f}s")
     d = saved()
-    d.update({"model": lm.name, "sweep": {"wall_s": wall, "cpu_s": cpu, "goal_s": GOAL_S, "load_end": load(),
+    key = "sweep" if args.eval_tokens == sp.DEFAULT_EVAL_TOKENS else f"sweep_{args.eval_tokens}_tokens"
+    d.update({"model": lm.name, key: {"wall_s": wall, "cpu_s": cpu, "goal_s": GOAL_S, "load_end": load(),
                                           "reuse": reuse, "result": res}})
     save(d)
 
@@ -144,6 +146,8 @@ def main() -> None:
     ap.add_argument("--part", choices=["sweep", "baseline", "report"], default="sweep")
     ap.add_argument("--method", choices=list(sp.METHODS), default="magnitude")
     ap.add_argument("--points", type=int, default=10)
+    ap.add_argument("--eval-tokens", type=int, default=sp.DEFAULT_EVAL_TOKENS,
+                    help="part sweep: evaluation subset (other than 2048: saved beside, not used by the baseline)")
     args = ap.parse_args()
     if args.part == "report":
         return part_report()
