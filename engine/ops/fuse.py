@@ -404,13 +404,6 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=target, enabled=target is not None)
 
 
-def fused_group_forward(blocks: list[nn.Module], x: torch.Tensor, calls: list[BlockCall]) -> torch.Tensor:
-    """Run blocks in order (a helper for tests and the bench)."""
-    for blk, call in zip(blocks, calls):
-        x = run_block(blk, x, call)
-    return x
-
-
 def gpu_self_check(device: str = "cuda") -> dict:
     """For the lead on a GPU machine: fuse one block of a tiny random Llama in fp32 and in bf16 autocast
     on `device`; both must lower the group loss by at least 10 % and give finite logits after the merge,
