@@ -55,7 +55,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", default="all", help="comma list of blocks, or 'all'")
     ap.add_argument("--json-out", default="bench/results/click_to_compare.json")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = load_model("default", device="cpu")
     n = lm.num_blocks
     blocks = list(range(n)) if args.blocks == "all" else [int(b) for b in args.blocks.split(",")]
@@ -90,6 +93,7 @@ def main():
         "max_kl_diff": max(abs(r["kl_quick"] - r["kl_uncached"]) for r in rows),
         "first_token_s": ttft,
         "threads": torch.get_num_threads(),
+        "load_average_1min": __import__("os").getloadavg()[0],
     }
     print(json.dumps(summary, indent=2))
     print(f"goal: quick comparison <= 2 s for any single dropped block: "
