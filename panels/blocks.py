@@ -128,7 +128,8 @@ def suggest(store, sid: str, metric: str, k: int, progress=gr.Progress()) -> tup
 def step_for(mode: str, blocks: list[int], kept: list[int], rank: int = 8, steps: int = 40,
              method: str = "gptq", bits: int = 4, group_size: int = 64) -> dict:
     """The recipe step the Apply button makes from the mode, its options and the selection."""
-    blocks = sorted(int(b) for b in blocks)
+    order = [int(b) for b in blocks]  # click order: fusion runs in it
+    blocks = sorted(order)
     if mode == "prune":
         if not blocks:
             raise RecipeError("select blocks to prune: click their bars in the chart")
@@ -136,7 +137,7 @@ def step_for(mode: str, blocks: list[int], kept: list[int], rank: int = 8, steps
     if mode == "fuse":
         if not blocks:
             raise RecipeError("select blocks to fuse: click their bars in the chart")
-        return {"op": "fuse_blocks", "blocks": blocks, "rank": int(rank), "steps": int(steps)}
+        return {"op": "fuse_blocks", "blocks": order, "rank": int(rank), "steps": int(steps)}
     if mode == "quantize":  # no selection: every kept block
         return {"op": "quantize", "method": method, "bits": int(bits), "group_size": int(group_size),
                 "blocks": blocks or list(kept)}
@@ -148,7 +149,7 @@ def apply(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: 
     """Apply the step to the current variant (a heavy, cancellable job). -> (status, changed token)."""
     from workbench.app import PanelContext, progress_fn
 
-    step = step_for(mode, store.pending(sid), store.current(sid).kept(), rank, steps, method, bits, group_size)
+    step = step_for(mode, store.pending_in_order(sid), store.current(sid).kept(), rank, steps, method, bits, group_size)
     cancel = store.begin_job(sid)
     try:
         v = store.apply_step(sid, step, progress_fn(progress), cancel)

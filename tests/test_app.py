@@ -340,3 +340,10 @@ def test_gradio_client_smoke(running_app, tmp_path):
     assert (out / "config.json").is_file() and json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
     with pytest.raises(Exception, match="already exists"):
         client.predict(str(out), False, api_name="/export")
+
+
+def test_fuse_step_keeps_click_order_prune_sorts():
+    from workbench.panels.blocks import step_for
+
+    assert step_for("fuse", [7, 3, 5], [0, 1, 2, 3, 4, 5, 6, 7])["blocks"] == [7, 3, 5]
+    assert step_for("prune", [7, 3, 5], [0, 1, 2, 3, 4, 5, 6, 7])["blocks"] == [3, 5, 7]

@@ -44,7 +44,7 @@ class Session:
     spec: str | None = None  # model spec; None until a model is attached
     variants: list[Variant] = field(default_factory=list)
     current: Variant | None = None
-    pending: set[int] = field(default_factory=set)
+    pending: dict[int, None] = field(default_factory=dict)  # an ordered set: click order is kept
     undo: list[Variant] = field(default_factory=list)
     calibration: Calibration = field(default_factory=Calibration)
     figures: dict[int, dict] = field(default_factory=dict)  # variant id -> {"quick": .., "full": .., "tps": ..}
@@ -122,7 +122,7 @@ class Store:
         if s.spec != spec or s.current is None:
             root = original_variant(lm.num_blocks)
             s.spec, s.variants, s.current = spec, [root], root
-            s.pending, s.undo, s.figures, s.scores = set(), [], {}, {}
+            s.pending, s.undo, s.figures, s.scores = {}, [], {}, {}
         return lm
 
     def lm(self, sid: str) -> LoadedModel:
@@ -139,19 +139,25 @@ class Store:
     def toggle(self, sid: str, block: int) -> list[int]:
         s = self.session(sid)
         self.current(sid).check_indices([block])
-        s.pending ^= {int(block)}
+        b = int(block)
+        if s.pending.pop(b, "absent") == "absent":
+            s.pending[b] = None
         return sorted(s.pending)
 
     def set_pending(self, sid: str, blocks) -> list[int]:
         self.current(sid).check_indices(list(blocks))
-        self.session(sid).pending = {int(b) for b in blocks}
+        self.session(sid).pending = dict.fromkeys(int(b) for b in blocks)
         return self.pending(sid)
 
     def clear_pending(self, sid: str) -> None:
-        self.session(sid).pending = set()
+        self.session(sid).pending = {}
 
     def pending(self, sid: str) -> list[int]:
         return sorted(self.session(sid).pending)
+
+    def pending_in_order(self, sid: str) -> list[int]:
+        """The selection in the order the blocks were clicked (fusion runs in that order)."""
+        return list(self.session(sid).pending)
 
     def set_calibration(self, sid: str, samples: int, seq_len: int) -> Calibration:
         s = self.session(sid)
@@ -163,7 +169,7 @@ class Store:
         s.undo.append(s.current)
         s.variants.append(variant)
         s.current = variant
-        s.pending = set()
+        s.pending = {}
         return variant
 
     def apply_step(self, sid: str, step: dict, progress=_quiet, cancel: threading.Event | None = None) -> Variant:
@@ -185,7 +191,7 @@ class Store:
         if not s.undo:
             raise WorkbenchError("nothing to undo")
         s.current = s.undo.pop()
-        s.pending = set()
+        s.pending = {}
         return s.current
 
     def switch(self, sid: str, variant_id: int) -> Variant:
@@ -194,7 +200,7 @@ class Store:
             if v.id == int(variant_id):
                 if v is not s.current:
                     s.undo.append(s.current)
-                    s.current, s.pending = v, set()
+                    s.current, s.pending = v, {}
                 return v
         raise WorkbenchError(f"no variant with id {variant_id} in this session")
 
