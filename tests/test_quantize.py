@@ -304,3 +304,9 @@ def test_compressed_tensors_export_refuses_what_it_cannot_write(tiny_lm, calib_t
     v = _quantize(_ctx(gpt2, calib_text), original_variant(2), method="rtn", bits=4, group_size=32, blocks=[0])
     with pytest.raises(ExportError, match="Conv1D"):
         export_compressed(gpt2, v, tmp_path / "y", {})
+
+
+def test_act_order_default_resolves_per_method():
+    assert step_from_dict({"op": "quantize"}).to_dict()["act_order"] == "weight"
+    assert step_from_dict({"op": "quantize", "method": "rtn"}).to_dict()["act_order"] is None
+    assert step_from_dict({"op": "quantize", "act_order": None}).to_dict()["act_order"] is None
