@@ -150,6 +150,7 @@ def apply(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: 
     from workbench.app import PanelContext, progress_fn
 
     step = step_for(mode, store.pending_in_order(sid), store.current(sid).kept(), rank, steps, method, bits, group_size)
+    base = store.current(sid)
     cancel = store.begin_job(sid)
     try:
         v = store.apply_step(sid, step, progress_fn(progress), cancel)
@@ -159,7 +160,20 @@ def apply(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: 
     full = v.reports[-1] if v.reports else {}
     report = {k: val for k, val in full.items() if not isinstance(val, (list, dict))}
     text = f"Applied `{json.dumps(v.steps[-1])}` → variant **{v.name}**. Measured: `{json.dumps(report)}`"
+    if mode == "fuse":
+        text += fused_vs_removal(store, sid, base, v)
     return text + fuse_summary(full), PanelContext.token()
+
+
+def fused_vs_removal(store, sid: str, base, fused) -> str:
+    """List plain removal of the same blocks beside the fused variant (Compare plots both) and say how
+    the two compare on the quick set."""
+    blocks = fused.steps[-1].get("blocks", [])
+    plain = store.add_sibling(sid, base.with_dropped(blocks, name=f"{fused.name} plain removal"))
+    plain.steps = list(base.steps) + [{"op": "prune_blocks", "blocks": sorted(blocks)}]
+    qp, qf = store.quick(sid, plain), store.quick(sid, fused)
+    return (f"\n\nOn the quick set, plain removal of blocks {sorted(blocks)} (listed as **{plain.name}** in "
+            f"Compare): KL {qp['kl']:.4f}, top-1 {qp['top1']:.1%}; fused: KL {qf['kl']:.4f}, top-1 {qf['top1']:.1%}.")
 
 
 def fuse_summary(report: dict) -> str:

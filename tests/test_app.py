@@ -347,3 +347,18 @@ def test_fuse_step_keeps_click_order_prune_sorts():
 
     assert step_for("fuse", [7, 3, 5], [0, 1, 2, 3, 4, 5, 6, 7])["blocks"] == [7, 3, 5]
     assert step_for("prune", [7, 3, 5], [0, 1, 2, 3, 4, 5, 6, 7])["blocks"] == [3, 5, 7]
+
+
+def test_fuse_from_the_panel_lists_plain_removal_beside_it(store, sid):
+    from workbench.engine.workspace import DROP
+    from workbench.panels import blocks
+
+    store.toggle(sid, 2)
+    status, _ = blocks.apply(store, sid, "fuse", 4, 2, "gptq", 4, 64, progress=_no_progress)
+    names = [v.name for v in store.variants(sid)]
+    fused = store.current(sid)
+    plain = next(v for v in store.variants(sid) if v.name.endswith("plain removal"))
+    assert fused.overrides[2] is DROP and fused.replaced()  # neighbours replaced
+    assert plain.dropped() == [2] and not plain.replaced() and plain is not fused
+    assert "plain removal" in status and len(names) == 3
+    assert store.quick(sid, plain)["kl"] >= 0

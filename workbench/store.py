@@ -186,6 +186,11 @@ class Store:
         new.parent = start.name
         return self._push(s, new)
 
+    def add_sibling(self, sid: str, variant: Variant) -> Variant:
+        """List a variant for comparison without making it current (e.g. plain removal beside fusion)."""
+        self.session(sid).variants.append(variant)
+        return variant
+
     def undo(self, sid: str) -> Variant:
         s = self.session(sid)
         if not s.undo:
