@@ -71,7 +71,22 @@ def chart_figure(store, sid: str | None, metric: str, progress=None) -> dict:
         "annotations": [{"text": LEGEND, "showarrow": False, "xref": "paper", "yref": "paper", "x": 1, "y": 1.02,
                          "xanchor": "right", "yanchor": "bottom", "font": {"size": 11}}],
     }
-    return {"data": [trace], "layout": layout}
+    data = [trace]
+    flagged = outlier_marks(store, sid, variant)
+    if flagged:  # the Outliers tab has run on this variant: mark the blocks that carry outliers
+        data.append({"type": "scatter", "mode": "markers", "x": flagged, "y": [1.06 * top] * len(flagged),
+                     "marker": {"symbol": "triangle-down", "size": 9, "color": "#B279A2"},
+                     "name": "activation outliers", "hovertemplate": "block %{x}: activation outliers<extra></extra>"})
+    return {"data": data, "layout": layout}
+
+
+def outlier_marks(store, sid: str, variant) -> list[int]:
+    """Blocks the outlier analysis flagged for this variant, if it has run (never computed here)."""
+    from workbench.engine.analysis.outliers import outlier_blocks
+
+    cache = store.lm(sid).__dict__.get("_outlier_cache", {})
+    stats = next((v for k, v in reversed(list(cache.items())) if k[0] == variant.id), None)
+    return sorted(f["block"] for f in outlier_blocks(stats)) if stats else []
 
 
 def chart_value(store, sid, metric, progress=None) -> str:

@@ -362,3 +362,19 @@ def test_fuse_from_the_panel_lists_plain_removal_beside_it(store, sid):
     assert plain.dropped() == [2] and not plain.replaced() and plain is not fused
     assert "plain removal" in status and len(names) == 3
     assert store.quick(sid, plain)["kl"] >= 0
+
+
+def test_chart_marks_outlier_blocks_once_the_outlier_analysis_ran(store, sid, monkeypatch):
+    import workbench.engine.analysis.outliers as out
+    from workbench.engine.data import calibration_ids
+    from workbench.panels import blocks
+
+    assert len(blocks.chart_figure(store, sid, "bi")["data"]) == 1  # nothing computed: no marks
+    lm, v = store.lm(sid), store.current(sid)
+    stats = out.outlier_stats_cached(lm, v, calibration_ids(lm.tokenizer, store.session(sid).calibration))
+    # the tiny model has no outliers under the default rule; a looser rule flags some, as real models do
+    monkeypatch.setattr(out, "outlier_blocks", lambda st, **kw: [{"block": 3}, {"block": 1}] if st is stats else [])
+    assert blocks.outlier_marks(store, sid, v) == [1, 3]
+    data = blocks.chart_figure(store, sid, "bi")["data"]
+    assert len(data) == 2 and data[1]["x"] == [1, 3]
+    assert blocks.outlier_marks(store, sid, v.with_dropped([0])) == []  # another variant: not analysed yet
