@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from workbench.engine import data
 from workbench.engine import eval as ev
 from workbench.engine.loading import load_model
 from workbench.engine.workspace import original_variant, view_model

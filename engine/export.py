@@ -8,6 +8,7 @@ target is never overwritten unless asked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -53,17 +54,10 @@ def _card(lm: LoadedModel, variant: Variant, recipe: dict, metrics: dict | None,
     return "\n".join(lines) + "\n"
 
 
-def export_variant(
-    lm: LoadedModel,
-    variant: Variant,
-    out_dir: str | Path,
-    recipe: dict,
-    metrics: dict | None = None,
-    overwrite: bool = False,
-    notes: list[str] | None = None,
-    progress=None,
-) -> Path:
-    """Write the variant to `out_dir` atomically. Returns the folder."""
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | Path, overwrite: bool = False, progress=None):
+    """Yield a temporary folder beside `out_dir`; on success it is renamed into place (an existing target
+    only with `overwrite`, kept until the new one is there); on any failure it is removed."""
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; choose another folder or ask to overwrite")
@@ -76,23 +70,10 @@ def export_variant(
     except OSError as e:
         raise ExportError(f"cannot write into {parent}: {e}") from e
     try:
-        if progress:
-            progress(0.1, "writing weights")
-        model = view_model(lm.model, lm.adapter, variant)
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            lm.tokenizer.save_pretrained(tmp)
-        except OSError as e:
-            raise ExportError(f"could not write the export: {e}") from e
-        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
-        # steps may leave a measured line for the card (e.g. the sparsity actually reached)
-        card_notes = [r["card"] for r in variant.reports if isinstance(r, dict) and r.get("card")]
-        (tmp / "README.md").write_text(_card(lm, variant, recipe, metrics, (notes or []) + card_notes))
-        if metrics:
-            (tmp / "workbench_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        yield tmp
         if progress:
             progress(0.9, "moving into place")
-        if out.exists():  # overwrite was asked: swap atomically-ish, keep the old until the new is there
+        if out.exists():
             old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.old-"))
             os.replace(out, old / "x")
             os.replace(tmp, out)
@@ -102,4 +83,47 @@ def export_variant(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+
+def save_model_files(model, tokenizer, folder: Path, after_weights=None) -> None:
+    """Weights (safetensors) and tokenizer, with write failures as ExportError."""
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+        if after_weights is not None:
+            after_weights(folder)
+        tokenizer.save_pretrained(folder)
+    except OSError as e:
+        raise ExportError(f"could not write the export: {e}") from e
+
+
+def write_side_files(folder: Path, recipe: dict, card: str, metrics: dict | None) -> None:
+    """recipe.json, the model card and the measured metrics beside the weights."""
+    (folder / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    (folder / "README.md").write_text(card)
+    if metrics:
+        (folder / "workbench_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def step_card_notes(variant: Variant) -> list[str]:
+    """Lines steps left for the card (e.g. the sparsity actually reached)."""
+    return [r["card"] for r in variant.reports if isinstance(r, dict) and r.get("card")]
+
+
+def export_variant(
+    lm: LoadedModel,
+    variant: Variant,
+    out_dir: str | Path,
+    recipe: dict,
+    metrics: dict | None = None,
+    overwrite: bool = False,
+    notes: list[str] | None = None,
+    progress=None,
+) -> Path:
+    """Write the variant to `out_dir` atomically. Returns the folder."""
+    with atomic_folder(out_dir, overwrite, progress) as tmp:
+        if progress:
+            progress(0.1, "writing weights")
+        save_model_files(view_model(lm.model, lm.adapter, variant), lm.tokenizer, tmp)
+        card = _card(lm, variant, recipe, metrics, (notes or []) + step_card_notes(variant))
+        write_side_files(tmp, recipe, card, metrics)
+    return Path(out_dir).expanduser().resolve()

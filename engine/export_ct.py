@@ -18,18 +18,14 @@ are checked against ours before anything is saved.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import ExportError
-from .export import _card
+from .export import _card, atomic_folder, save_model_files, write_side_files
 from .loading import LoadedModel
 from .workspace import Variant, view_model
 
@@ -158,18 +154,7 @@ def export_compressed(
     check_exportable(lm, variant)
     from compressed_tensors.compressors import ModelCompressor
 
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists; choose another folder or ask to overwrite")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
-    except OSError as e:
-        raise ExportError(f"cannot write into {parent}: {e}") from e
-    try:
+    with atomic_folder(out_dir, overwrite, progress) as tmp:
         if progress:
             progress(0.1, "copying the variant for packing")
         # A private copy: the library edits modules in place (new parameters, a new forward).
@@ -182,12 +167,7 @@ def export_compressed(
         _check_packed(model, expected)
         if progress:
             progress(0.6, "writing weights")
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            compressor.update_config(str(tmp))
-            lm.tokenizer.save_pretrained(tmp)
-        except OSError as e:
-            raise ExportError(f"could not write the export: {e}") from e
+        save_model_files(model, lm.tokenizer, tmp, after_weights=lambda d: compressor.update_config(str(d)))
         asym = any(not m.workbench_quant.sym for m in quantized_linears(model).values())
         card_notes = [
             "weights of the quantized blocks are stored in the compressed-tensors format (pack-quantized): "
@@ -199,20 +179,5 @@ def export_compressed(
         ]
         card = _card(lm, variant, recipe, metrics, card_notes)
         card = card.replace("Loads with plain `transformers`:", "Loads with `transformers` + `compressed-tensors`:")
-        (tmp / "README.md").write_text(card)
-        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
-        if metrics:
-            (tmp / "workbench_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        if progress:
-            progress(0.9, "moving into place")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        write_side_files(tmp, recipe, card, metrics)
+    return Path(out_dir).expanduser().resolve()

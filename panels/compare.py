@@ -112,7 +112,7 @@ def figures_table(store, sid: str | None) -> str:
     s = store.session(sid)
     orig, cur = s.variants[0], store.current(sid)
     qo, qv = store.quick(sid, orig), store.quick(sid, cur)
-    fo, fv = store.figures(sid, orig), store.figures(sid, cur)
+    fv = store.figures(sid, cur)
     rows = [
         ("blocks kept", f"{orig.num_blocks}", f"{len(cur.kept())}"),
         ("parameters", f"{qo['parameters'] / 1e6:.2f} M", f"{qv['parameters'] / 1e6:.2f} M ({qv['parameters'] / qo['parameters']:.1%})"),
