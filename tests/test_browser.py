@@ -3,6 +3,7 @@ load a model, click a block's bar in the chart, see the comparison change, expor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -38,20 +39,28 @@ def app_url(tiny_lm):
         demo.close()
 
 
-def test_click_a_bar_compare_and_export(app_url, tmp_path):
+@contextlib.contextmanager
+def app_page(url: str, height: int = 1000):
+    """A headless Chromium page on the app with the tiny model loaded -> (page, page errors seen)."""
     sync_api = pytest.importorskip("playwright.sync_api")
-    shots = Path(os.environ.get("WORKBENCH_SCREENSHOTS", tmp_path))
     errors: list[str] = []
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            page = browser.new_page(viewport={"width": 1300, "height": height})
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(app_url)
-            # load a model from the Model tab
+            page.goto(url)
             page.get_by_role("button", name="Load", exact=True).click()
             page.wait_for_selector("#wb-model-info:has-text('4 blocks')", timeout=120_000)
+            yield page, errors
+        finally:
+            browser.close()
 
+
+def test_click_a_bar_compare_and_export(app_url, tmp_path):
+    shots = Path(os.environ.get("WORKBENCH_SCREENSHOTS", tmp_path))
+    with app_page(app_url, 1000) as (page, errors):
+        try:
             page.get_by_role("tab", name="Compare").click()
             figures = page.locator("#wb-figures")
             figures.filter(has_text="original vs original").wait_for(timeout=120_000)
@@ -90,8 +99,6 @@ def test_click_a_bar_compare_and_export(app_url, tmp_path):
         except Exception:
             page.screenshot(path=str(shots / "failure.png"), full_page=True)  # for diagnosis
             raise
-        finally:
-            browser.close()
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
     assert json.loads((out / "recipe.json").read_text())["steps"] == [{"op": "prune_blocks", "blocks": [2]}]
     assert not errors, errors

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from test_browser import ARGS, CHROMIUM, app_url  # noqa: F401  (same app fixture and browser)
+from test_browser import CHROMIUM, app_page, app_url  # noqa: F401  (same app fixture and browser)
 
 pytestmark = [
     pytest.mark.browser,
@@ -16,43 +16,31 @@ pytestmark = [
 
 
 def test_views_in_the_browser(app_url):  # noqa: F811
-    sync_api = pytest.importorskip("playwright.sync_api")
-    errors: list[str] = []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1300, "height": 1000})
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(app_url)
-            page.get_by_role("button", name="Load", exact=True).click()
-            page.wait_for_selector("#wb-model-info:has-text('4 blocks')", timeout=120_000)
+    with app_page(app_url, 1000) as (page, errors):
+        page.get_by_role("tab", name="Attention").click()
+        page.locator("#wb-attention-go").click()
+        page.locator("#wb-attention-info").filter(has_text="4 blocks x 4 heads").wait_for(timeout=120_000)
+        page.locator("#wb-attention-grid .main-svg").first.wait_for(timeout=60_000)
 
-            page.get_by_role("tab", name="Attention").click()
-            page.locator("#wb-attention-go").click()
-            page.locator("#wb-attention-info").filter(has_text="4 blocks x 4 heads").wait_for(timeout=120_000)
-            page.locator("#wb-attention-grid .main-svg").first.wait_for(timeout=60_000)
+        page.get_by_role("tab", name="Outliers").click()
+        page.locator("#wb-outliers-go").click()
+        page.locator("#wb-outliers-summary").filter(has_text="Blocks with activation outliers").wait_for(timeout=120_000)
+        drag = page.locator("#wb-noop .nsewdrag").first
+        drag.wait_for(timeout=60_000)
+        box = drag.bounding_box()
+        # 4 blocks (rows, top to bottom 0..3) x 4 heads: click the cell of block 3, head 0 (bottom left).
+        page.mouse.click(box["x"] + box["width"] * 0.12, box["y"] + box["height"] * 0.88)
+        page.locator("#wb-noop-head .gtitle").filter(has_text="block 3, head 0").wait_for(timeout=120_000)
 
-            page.get_by_role("tab", name="Outliers").click()
-            page.locator("#wb-outliers-go").click()
-            page.locator("#wb-outliers-summary").filter(has_text="Blocks with activation outliers").wait_for(timeout=120_000)
-            drag = page.locator("#wb-noop .nsewdrag").first
-            drag.wait_for(timeout=60_000)
-            box = drag.bounding_box()
-            # 4 blocks (rows, top to bottom 0..3) x 4 heads: click the cell of block 3, head 0 (bottom left).
-            page.mouse.click(box["x"] + box["width"] * 0.12, box["y"] + box["height"] * 0.88)
-            page.locator("#wb-noop-head .gtitle").filter(has_text="block 3, head 0").wait_for(timeout=120_000)
+        page.get_by_role("tab", name="Map").click()
+        page.locator("#wb-map-go").click()
+        points = page.locator("#wb-map-blocks .scatterlayer .point")
+        points.first.wait_for(timeout=120_000)
+        assert points.count() == 4
+        points.nth(2).click(force=True)
+        page.locator("#wb-map-note").filter(has_text="Selected for pruning: 2").wait_for(timeout=60_000)
 
-            page.get_by_role("tab", name="Map").click()
-            page.locator("#wb-map-go").click()
-            points = page.locator("#wb-map-blocks .scatterlayer .point")
-            points.first.wait_for(timeout=120_000)
-            assert points.count() == 4
-            points.nth(2).click(force=True)
-            page.locator("#wb-map-note").filter(has_text="Selected for pruning: 2").wait_for(timeout=60_000)
-
-            page.get_by_role("tab", name="Attribution").click()
-            page.locator("#wb-attribution-go").click()
-            page.locator("#wb-attribution-summary").filter(has_text="captum delta").wait_for(timeout=120_000)
-        finally:
-            browser.close()
+        page.get_by_role("tab", name="Attribution").click()
+        page.locator("#wb-attribution-go").click()
+        page.locator("#wb-attribution-summary").filter(has_text="captum delta").wait_for(timeout=120_000)
     assert not errors, errors
