@@ -111,11 +111,14 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.
     return _hidden_of(block(hidden, *call.args, **call.kwargs))
 
 
-def slice_call(call: BlockCall, rows: slice) -> BlockCall:
-    """The call arguments for a sub-batch: per-sample tensors (batch dim > 1) are sliced."""
+def slice_call(call: BlockCall, rows: slice, n_rows: int) -> BlockCall:
+    """The call arguments for rows `rows` of a batch of `n_rows`: only per-sample tensors (at least 2-D
+    with n_rows in dim 0) are cut; (1, T) positions and (T,) vectors broadcast as they are."""
+    if rows == slice(None) or n_rows == 1:
+        return call
 
     def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1:
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == n_rows:
             return v[rows]
         if isinstance(v, tuple):
             return tuple(cut(x) for x in v)

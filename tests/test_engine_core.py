@@ -229,3 +229,18 @@ def test_engine_never_imports_gradio_or_upper_layers():
         "assert 'gradio' not in sys.modules, 'gradio imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_slice_call_cuts_only_per_sample_tensors():
+    from workbench.engine.hooks import BlockCall, slice_call
+
+    mask = torch.zeros(4, 1, 6, 6)
+    pos = torch.arange(6)[None]  # (1, T): shared by the batch
+    cache_pos = torch.arange(6)  # (T,): must not be cut even though T > rows
+    rope = (torch.ones(1, 6, 8), torch.ones(1, 6, 8))
+    call = BlockCall((None, mask), {"position_ids": pos, "cache_position": cache_pos, "position_embeddings": rope})
+    part = slice_call(call, slice(1, 3), 4)
+    assert part.args[1].shape == (2, 1, 6, 6)
+    assert part.kwargs["position_ids"] is pos and part.kwargs["cache_position"] is cache_pos
+    assert part.kwargs["position_embeddings"][0].shape == (1, 6, 8)
+    assert slice_call(call, slice(None), 4) is call

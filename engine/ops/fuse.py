@@ -32,7 +32,7 @@ from torch import nn
 from ..adapters import get_path, linear_weight, set_linear_weight
 from ..data import Calibration, calibration_ids
 from ..errors import BlockIndexError, RecipeError
-from ..hooks import BlockCall, run_block, trace_blocks
+from ..hooks import run_block, slice_call, trace_blocks
 from ..recipe import OpContext, Step, register
 from ..workspace import DROP, Variant, copy_block, current_block, view_model
 from .fuse_linear import COEF_MODES, FuseLinear
@@ -217,7 +217,7 @@ class FuseBlocks(Step):
             h = x[rows]
             with _autocast(lm.device, self.dtype):
                 for j, blk in students:
-                    h = run_block(blk, h, rows_call(calls[j], rows, n_rows))
+                    h = run_block(blk, h, slice_call(calls[j], rows, n_rows))
             return group_loss(h, teacher[rows], kind, head)
 
         coef = [p for _, blk in students for m in blk.modules() if isinstance(m, FuseLinear) for p in m.coef_parameters()]
@@ -379,24 +379,6 @@ def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = get_path(root, parent_path)
     setattr(parent, name, module)
-
-
-def rows_call(call: BlockCall, rows: slice, n_rows: int) -> BlockCall:
-    """The call arguments for rows `rows` of a batch of `n_rows`: only tensors that are per sample
-    (at least 2-D with n_rows in dim 0) are cut; (1, T) positions and (T,) vectors broadcast as they are."""
-    if rows == slice(None) or n_rows == 1:
-        return call
-
-    def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == n_rows:
-            return v[rows]
-        if isinstance(v, tuple):
-            return tuple(cut(x) for x in v)
-        if isinstance(v, dict):
-            return {k: cut(x) for k, x in v.items()}
-        return v
-
-    return BlockCall(tuple(cut(a) for a in call.args), {k: cut(v) for k, v in call.kwargs.items()})
 
 
 def _autocast(device: torch.device, dtype: str):

@@ -205,7 +205,7 @@ def _run(block: nn.Module, hidden: torch.Tensor, call: BlockCall, on_batch=None)
         rows = slice(b0, b0 + CALIB_BATCH)
         if on_batch is not None:
             on_batch()
-        outs.append(run_block(block, hidden[rows], slice_call(call, rows)))
+        outs.append(run_block(block, hidden[rows], slice_call(call, rows, hidden.shape[0])))
     return torch.cat(outs, dim=0)
 
 
