@@ -8,12 +8,12 @@ ships inside the `plotly` package (no CDN); a bar click becomes the component's 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import gradio as gr
 
 from workbench.engine.analysis import influence
 from workbench.engine.errors import Cancelled, RecipeError
+from workbench.panels.chart import click_bridge_js
 
 TITLE = "Blocks"
 MODES = ["prune", "fuse", "quantize"]
@@ -217,12 +217,8 @@ def set_calibration(store, sid: str, metric: str, samples: int, seq_len: int, pr
 
 def build(ctx) -> dict:
     store, sid, g = ctx.store, ctx.session, ctx.guard
-    js = (Path(__file__).resolve().parent.parent / "assets" / "chart.js").read_text()
-    import plotly
+    js = click_bridge_js()
 
-    js_url = str(Path(plotly.__file__).parent / "package_data" / "plotly.min.js")
-    gr.set_static_paths([js_url])  # adds to the app's static paths (served locally)
-    js = js.replace("__PLOTLY_URL__", f"/gradio_api/file={js_url}")
     with gr.Row():
         metric = gr.Dropdown([(d, k) for k, d in influence.METRICS.items()], value="bi", label="Metric", scale=3)
         samples = gr.Number(8, label="Calibration samples", precision=0, minimum=1, maximum=256, scale=1)

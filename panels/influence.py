@@ -13,11 +13,11 @@ import csv
 import io
 import json
 import tempfile
-from pathlib import Path
 
 import gradio as gr
 
 from workbench.engine.analysis import influence
+from workbench.panels.chart import click_bridge_js
 
 TITLE = "Influence"
 COLUMNS = ["block", "state", "mi", "bi", "angular", "ppl_drop", "ppl_without"]
@@ -184,12 +184,8 @@ def select_cell(store, sid: str, code: int) -> tuple[list[int], str]:
 
 def build(ctx) -> dict:
     store, sid, g = ctx.store, ctx.session, ctx.guard
-    js = (Path(__file__).resolve().parent.parent / "assets" / "chart.js").read_text()
-    import plotly
+    js = click_bridge_js()
 
-    js_url = str(Path(plotly.__file__).parent / "package_data" / "plotly.min.js")
-    gr.set_static_paths([js_url])
-    js = js.replace("__PLOTLY_URL__", f"/gradio_api/file={js_url}")
     with gr.Row():
         compute_b = gr.Button("Compute (heatmap + all metrics)", variant="primary", scale=2)
         cancel_b = gr.Button("Cancel job", variant="stop", scale=1)

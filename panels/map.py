@@ -5,12 +5,12 @@ bar click in the Blocks tab does (Apply there)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import gradio as gr
 import plotly.graph_objects as go
 
 from workbench.engine.analysis.embedding_map import HEAD_FEATURES, analyze_map
+from workbench.panels.chart import click_bridge_js
 
 TITLE = "Map"
 
@@ -91,14 +91,11 @@ def click(store, sid, block: int, by: str = "map") -> tuple[str, str]:
 
 
 def build(ctx) -> dict:
-    import plotly
 
     from workbench.app import progress_fn
 
     store, sid, g = ctx.store, ctx.session, ctx.guard
-    js = (Path(__file__).resolve().parent.parent / "assets" / "chart.js").read_text()
-    js_url = str(Path(plotly.__file__).parent / "package_data" / "plotly.min.js")
-    js = js.replace("__PLOTLY_URL__", f"/gradio_api/file={js_url}")
+    js = click_bridge_js()
     with gr.Row():
         by = gr.Dropdown([("block influence (1 - cos)", "map"), ("Macro Influence", "mi")], value="map",
                          label="Colour blocks by")

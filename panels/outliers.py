@@ -5,12 +5,12 @@ on the prompt of the Attention tab's default) and activation inf-norm / kurtosis
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import gradio as gr
 import plotly.graph_objects as go
 
 from workbench.engine.analysis.outliers import MODULE_LABELS, MODULES, outlier_blocks, outlier_stats_cached
+from workbench.panels.chart import click_bridge_js
 
 TITLE = "Outliers"
 HEAD_CODE = 1000  # a heatmap cell's customdata = block * HEAD_CODE + head (the click bridge sends one number)
@@ -91,14 +91,11 @@ def open_head(store, sid, code: int, prompt: str | None = None):
 
 
 def build(ctx) -> dict:
-    import plotly
 
     from workbench.app import progress_fn
 
     store, sid, g = ctx.store, ctx.session, ctx.guard
-    js = (Path(__file__).resolve().parent.parent / "assets" / "chart.js").read_text()
-    js_url = str(Path(plotly.__file__).parent / "package_data" / "plotly.min.js")
-    js = js.replace("__PLOTLY_URL__", f"/gradio_api/file={js_url}")
+    js = click_bridge_js()
     with gr.Row():
         score = gr.Radio([("first token", "noop_first"), ("delimiters", "noop_delim")], value="noop_first",
                          label="No-op score")

@@ -8,13 +8,13 @@ current variant through the store. The sweep runs on the current variant, KL is 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import gradio as gr
 import plotly.graph_objects as go
 
 from workbench.engine.analysis import sparsity as sp
 from workbench.engine.errors import RecipeError
+from workbench.panels.chart import click_bridge_js
 
 TITLE = "Sparsity"
 COLORS = {"magnitude": "#1f77b4", "wanda": "#d62728"}
@@ -164,13 +164,11 @@ def apply(store, sid, method: str, sparsity: float, pattern: str, magnitude_scop
 
 
 def build(ctx) -> dict:
-    import plotly
 
     from workbench.app import progress_fn
 
     store, sid, g = ctx.store, ctx.session, ctx.guard
-    js = (Path(__file__).resolve().parent.parent / "assets" / "chart.js").read_text()
-    js = js.replace("__PLOTLY_URL__", f"/gradio_api/file={Path(plotly.__file__).parent / 'package_data' / 'plotly.min.js'}")
+    js = click_bridge_js()
     with gr.Row():
         methods = gr.CheckboxGroup(list(sp.METHODS), value=["magnitude", "wanda"], label="Methods")
         patterns = gr.CheckboxGroup(list(sp.PATTERNS), value=["unstructured", "2:4"], label="Patterns (N:M = marked points)")
