@@ -111,19 +111,24 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.
     return _hidden_of(block(hidden, *call.args, **call.kwargs))
 
 
+def map_call(call: BlockCall, fn) -> BlockCall:
+    """Apply `fn` to every tensor in a block's call arguments (inside tuples and dicts too)."""
+
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            return fn(v)
+        if isinstance(v, tuple):
+            return tuple(walk(x) for x in v)
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        return v
+
+    return BlockCall(tuple(walk(a) for a in call.args), {k: walk(v) for k, v in call.kwargs.items()})
+
+
 def slice_call(call: BlockCall, rows: slice, n_rows: int) -> BlockCall:
     """The call arguments for rows `rows` of a batch of `n_rows`: only per-sample tensors (at least 2-D
     with n_rows in dim 0) are cut; (1, T) positions and (T,) vectors broadcast as they are."""
     if rows == slice(None) or n_rows == 1:
         return call
-
-    def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == n_rows:
-            return v[rows]
-        if isinstance(v, tuple):
-            return tuple(cut(x) for x in v)
-        if isinstance(v, dict):
-            return {k: cut(x) for k, x in v.items()}
-        return v
-
-    return BlockCall(tuple(cut(a) for a in call.args), {k: cut(v) for k, v in call.kwargs.items()})
+    return map_call(call, lambda v: v[rows] if v.dim() >= 2 and v.shape[0] == n_rows else v)

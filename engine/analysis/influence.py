@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import BlockIndexError, Cancelled, UnsupportedArchitecture, WorkbenchError
-from ..hooks import BlockCall, run_block, trace_blocks
+from ..hooks import BlockCall, map_call, run_block, trace_blocks
 from ..loading import LoadedModel
 from ..workspace import Variant, block_modules, view_model
 from . import influence_math as im
@@ -130,16 +130,8 @@ def _tile_call(call: BlockCall, reps: int, batch: int) -> BlockCall:
     if reps == 1 or batch == 1:
         return call
 
-    def tile(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == batch:
-            return v.repeat(reps, *([1] * (v.dim() - 1)))
-        if isinstance(v, tuple):
-            return tuple(tile(x) for x in v)
-        if isinstance(v, dict):
-            return {k: tile(x) for k, x in v.items()}
-        return v
-
-    return BlockCall(tuple(tile(a) for a in call.args), {k: tile(v) for k, v in call.kwargs.items()})
+    per_sample = lambda v: v.dim() >= 2 and v.shape[0] == batch  # noqa: E731
+    return map_call(call, lambda v: v.repeat(reps, *([1] * (v.dim() - 1))) if per_sample(v) else v)
 
 
 def default_max_rows(lm: LoadedModel, st: VariantStates) -> int:
