@@ -18,6 +18,7 @@ are checked against ours before anything is saved.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -34,10 +35,12 @@ log = logging.getLogger(__name__)
 FORMAT = "pack-quantized"
 LOAD_SYM = ("symmetric scheme(s): `AutoModelForCausalLM.from_pretrained('<this folder>')` loads it as it is "
             "(the weights are dequantized on the first forward pass).")
-LOAD_ASYM = ("asymmetric scheme: transformers 5.24 + compressed-tensors 0.20 mis-size packed zero points when "
-             "they build the compressed model, so load it dequantized: `from transformers import "
-             "CompressedTensorsConfig; AutoModelForCausalLM.from_pretrained('<this folder>', "
-             "quantization_config=CompressedTensorsConfig(dequantize=True))`.")
+LOAD_ASYM = ("asymmetric scheme(s): `AutoModelForCausalLM.from_pretrained('<this folder>')` loads it as it is; "
+             "the config's `quantization_config` carries `\"dequantize\": true`, so transformers dequantizes the "
+             "packed weights while loading. Why: transformers 5.24 + compressed-tensors 0.20 build the compressed "
+             "model with unpacked zero-point shapes (the library's meta-device compress path does not pack them) "
+             "and then refuse the packed zero points the same library wrote. The stored tensors are the standard "
+             "pack-quantized layout; delete that key once a fixed compressed-tensors is installed.")
 
 
 def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -57,10 +60,10 @@ def check_exportable(lm: LoadedModel, variant: Variant) -> None:
     keys = {_key(m.workbench_quant) for m in mods.values()}
     if len(keys) > 1 and any(not m.workbench_quant.sym for m in mods.values()):
         raise ExportError(
-            "asymmetric quantization with more than one scheme (mixed precision) cannot be reloaded by "
-            "transformers 5.24 with compressed-tensors 0.20 (their loader mis-sizes packed zero points, and its "
-            "dequantizing path assumes a single scheme); use symmetric schemes for mixed precision, one "
-            "asymmetric scheme, or the dense export"
+            "asymmetric quantization with more than one scheme (mixed precision) cannot be reloaded: asymmetric "
+            "exports load through transformers' dequantize-on-load path (transformers 5.24 + compressed-tensors 0.20 "
+            "cannot build packed asymmetric layers), and that path decodes every layer with one scheme; use "
+            "symmetric schemes for mixed precision, one asymmetric scheme, or the dense export"
         )
     for name, m in mods.items():
         rec = m.workbench_quant
@@ -140,6 +143,14 @@ def _check_packed(model: nn.Module, expected: dict) -> None:
             raise ExportError(f"internal: {bad} packed codes of {name} differ from the quantizer's; export refused")
 
 
+def _ask_dequantize_on_load(config_path: Path) -> None:
+    """Set `quantization_config.dequantize = true` (read by transformers' CompressedTensorsConfig; ignored
+    by compressed-tensors' own config model), the one load route for packed asymmetric zero points."""
+    cfg = json.loads(config_path.read_text())
+    cfg["quantization_config"]["dequantize"] = True
+    config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def export_compressed(
     lm: LoadedModel,
     variant: Variant,
@@ -167,8 +178,14 @@ def export_compressed(
         _check_packed(model, expected)
         if progress:
             progress(0.6, "writing weights")
-        save_model_files(model, lm.tokenizer, tmp, after_weights=lambda d: compressor.update_config(str(d)))
         asym = any(not m.workbench_quant.sym for m in quantized_linears(model).values())
+
+        def finish_config(folder):
+            compressor.update_config(str(folder))
+            if asym:
+                _ask_dequantize_on_load(Path(folder) / "config.json")
+
+        save_model_files(model, lm.tokenizer, tmp, after_weights=finish_config)
         card_notes = [
             "weights of the quantized blocks are stored in the compressed-tensors format (pack-quantized): "
             "loading needs the `compressed-tensors` package (`pip install compressed-tensors`, tested with 0.20) "
