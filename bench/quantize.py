@@ -6,7 +6,7 @@ dense model and of every linear in every block quantized by RTN and by GPTQ with
 Printed: perplexity, its increase over dense, KL and top-1 agreement vs dense, bits per weight, bytes,
 quantization seconds, and how much of RTN's perplexity increase GPTQ removes.
 
-    python bench/quantize.py [--bits 4,3] [--group-size 64] [--sym] [--act-order weight]
+    python bench/quantize.py [--bits 4,3] [--group-size 64] [--sym] [--act-order weight] [--observer mse] [--seeds 0,1,2]
                              [--samples N] [--ablations] [--with-llmcompressor]
 
 --ablations adds GPTQ runs that each undo one ingredient (non-sequential calibration, no act order,
@@ -120,6 +120,8 @@ weights = {"num_bits": args["bits"], "type": "int", "symmetric": args["sym"], "s
            "group_size": args["group_size"]}
 if args["act_order"]:
     weights["actorder"] = args["act_order"]
+if args["observer"] != "minmax":
+    weights["observer"] = args["observer"]  # llm-compressor runs weight "mse" as its memoryless mse search
 mod = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
                    dampening_frac=args["damp"])
 t0 = time.perf_counter()
@@ -153,7 +155,7 @@ def llmc_venv(progress=print) -> Path:
     return py
 
 
-def run_llmc(lm, calib_ids, eval_ids, bits, group_size, sym, act_order, damp, threads) -> dict:
+def run_llmc(lm, calib_ids, eval_ids, bits, group_size, sym, act_order, damp, threads, observer="minmax") -> dict:
     try:
         py = llmc_venv()
     except (subprocess.CalledProcessError, OSError) as e:
@@ -163,7 +165,8 @@ def run_llmc(lm, calib_ids, eval_ids, bits, group_size, sym, act_order, damp, th
         torch.save({"calib": calib_ids.cpu(), "eval": eval_ids.cpu()}, ids_path)
         cfg = Path(tmp) / "args.json"
         cfg.write_text(json.dumps({"ids": str(ids_path), "model": str(lm.source), "bits": bits, "group_size": group_size,
-                                   "sym": sym, "act_order": act_order, "damp": damp, "threads": threads}))
+                                   "sym": sym, "act_order": act_order, "damp": damp, "threads": threads,
+                                   "observer": observer}))
         runner = Path(tmp) / "runner.py"
         runner.write_text(RUNNER)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -186,7 +189,11 @@ def main():
     ap.add_argument("--sym", action="store_true", help="symmetric grids (default: asymmetric)")
     ap.add_argument("--act-order", default="weight", help="weight | group | none (default: weight)")
     ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--observer", default="minmax", choices=["minmax", "mse"],
+                    help="how group scales are chosen, for RTN, GPTQ and llm-compressor alike (default: minmax)")
     ap.add_argument("--samples", type=int, default=None, help="calibration samples (default: the default calibration)")
+    ap.add_argument("--seeds", default="0", help="calibration sampling seeds: each seed is a separate run of every "
+                    "method on a different calibration sample (default: 0, the default calibration)")
     ap.add_argument("--seq-len", type=int, default=None, help="calibration tokens per sample")
     ap.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many held-out tokens")
     ap.add_argument("--ablations", default="", help="comma list of GPTQ ablations at the first bit-width: "
@@ -201,74 +208,95 @@ def main():
     act = None if args.act_order in ("none", "null", "") else args.act_order
 
     lm = load_model("default", device="auto")
+    seeds = [int(x) for x in args.seeds.split(",")]
     calib = Calibration()
     over = {k: v for k, v in (("samples", args.samples), ("seq_len", args.seq_len)) if v is not None}
     if over:
         calib = Calibration(**{**calib.to_dict(), **over})
-    ctx = OpContext(lm=lm, calibration=calib)
     base = original_variant(lm.num_blocks)
     print(f"model: {lm.name}; device {lm.device}; torch threads {torch.get_num_threads()}")
-    print(f"calibration: {calib.to_dict()} = {ctx.calib_ids().numel()} tokens (split: calibration)")
+    print(f"calibration: {calib.to_dict()} = {calib.samples * calib.seq_len} tokens (split: calibration), "
+          f"sampled with seed(s) {seeds}")
     dense = evaluate(lm, base, args.max_tokens)
     print(f"evaluation: {dense['tokens']} held-out tokens (split: evaluation), seq_len {EVAL_SEQ_LEN}")
     print(f"scheme: group {args.group_size}, {'symmetric' if args.sym else 'asymmetric'}, GPTQ act_order {act}, "
-          f"damp {args.damp}; every linear of all {lm.num_blocks} blocks\n")
+          f"damp {args.damp}, observer {args.observer}; every linear of all {lm.num_blocks} blocks\n")
     rows = [row("dense", dense, dense["ppl"])]
     print(HEADER)
     print(fmt(rows[0]), flush=True)
-    summary = {}
-    first_bits = int(args.bits.split(",")[0])
-    for bits in [int(b) for b in args.bits.split(",")]:
-        common = {"op": "quantize", "bits": bits, "group_size": args.group_size, "sym": args.sym, "damp": args.damp}
-        v, rep, sec = run_ours(ctx, base, {**common, "method": "rtn"})
-        r_rtn = row(f"RTN  {bits}-bit g{args.group_size}", evaluate(lm, v, args.max_tokens), dense["ppl"], rep, sec)
-        print(fmt(r_rtn), flush=True)
-        v, rep, sec = run_ours(ctx, base, {**common, "method": "gptq", "act_order": act})
-        r_gptq = row(f"GPTQ {bits}-bit g{args.group_size}", evaluate(lm, v, args.max_tokens), dense["ppl"], rep, sec)
-        print(fmt(r_gptq), flush=True)
-        rows += [r_rtn, r_gptq]
-        cut = 1 - r_gptq["ppl_increase"] / r_rtn["ppl_increase"] if r_rtn["ppl_increase"] > 0 else float("nan")
-        summary[f"{bits}bit"] = {"gptq_beats_rtn": r_gptq["ppl"] < r_rtn["ppl"], "rtn_increase_removed": cut,
-                                 "objective_ratio": r_gptq["objective_error"] / r_gptq["rtn_objective_error"]}
-        if args.ablations and bits == first_bits:
-            gp = {**common, "method": "gptq", "act_order": act}
-            menu = {
-                "nonseq": ("  GPTQ non-sequential", gp, True, None),
-                "noact": ("  GPTQ act_order none", {**gp, "act_order": None}, True, None),
-                "group": ("  GPTQ act_order group", {**gp, "act_order": "group"}, True, None),
-                "damp": ("  GPTQ damp 0.1", {**gp, "damp": 0.1}, True, None),
-                "calib64": ("  GPTQ 64x128 calibration", gp, True, 64),
-            }
-            for key in args.ablations.split(","):
-                name, step, _, samples = menu[key]
-                c = ctx if samples is None else OpContext(lm=lm, calibration=Calibration(**{**calib.to_dict(), "samples": samples}))
-                v, rep, sec = run_ours(c, base, step, sequential=key != "nonseq")
-                r = row(f"{name} {bits}-bit", ppl_only(lm, v, args.max_tokens), dense["ppl"], rep, sec)
-                r["ablation"] = key
-                rows.append(r)
-                print(fmt(r), flush=True)
-        if args.with_llmcompressor and str(bits) in args.llmc_bits.split(","):
-            eval_ids = data.evaluation_ids(lm.tokenizer, calib.source, EVAL_SEQ_LEN, args.max_tokens)
-            res = run_llmc(lm, ctx.calib_ids(), eval_ids, bits, args.group_size, args.sym, act, args.damp,
-                           torch.get_num_threads())
-            if "error" in res:
-                print(f"llm-compressor {bits}-bit: {res['error']}", flush=True)
-            else:
-                r = {"name": f"llm-compressor GPTQ {bits}-bit", "ppl": res["ppl"], "ppl_increase": res["ppl"] - dense["ppl"],
-                     "kl": float("nan"), "top1": float("nan"), "bytes": float("nan"), "tokens": res["tokens"],
-                     "quantize_seconds": res["seconds"]}
-                print(fmt(r).replace("nan", "  -"), flush=True)
-                summary[f"{bits}bit"]["llmc"] = {"ppl": res["ppl"], "seconds": res["seconds"],
-                                                 "wall_ratio_ours_over_theirs": r_gptq["quantize_seconds"] / res["seconds"],
-                                                 "ours_ppl_le_theirs": r_gptq["ppl"] <= res["ppl"]}
-            rows.append({"name": f"llm-compressor GPTQ {bits}-bit", **res})
+    bit_list = [int(b) for b in args.bits.split(",")]
+    runs: dict = {b: [] for b in bit_list}  # per bit-width: one dict per seed
+    for seed in seeds:
+        cal = Calibration(**{**calib.to_dict(), "seed": seed})
+        ctx = OpContext(lm=lm, calibration=cal)
+        tag = f" s{seed}" if len(seeds) > 1 else ""
+        for bits in bit_list:
+            run = {"seed": seed}
+            common = {"op": "quantize", "bits": bits, "group_size": args.group_size, "sym": args.sym, "damp": args.damp,
+                      "observer": args.observer}
+            v, rep, sec = run_ours(ctx, base, {**common, "method": "rtn"})
+            r_rtn = row(f"RTN  {bits}-bit g{args.group_size}{tag}", evaluate(lm, v, args.max_tokens), dense["ppl"], rep, sec)
+            print(fmt(r_rtn), flush=True)
+            v, rep, sec = run_ours(ctx, base, {**common, "method": "gptq", "act_order": act})
+            r_gptq = row(f"GPTQ {bits}-bit g{args.group_size}{tag}", evaluate(lm, v, args.max_tokens), dense["ppl"], rep, sec)
+            print(fmt(r_gptq), flush=True)
+            rows += [r_rtn, r_gptq]
+            run.update(rtn=r_rtn["ppl"], gptq=r_gptq["ppl"], gptq_s=r_gptq["quantize_seconds"],
+                       objective_ratio=r_gptq["objective_error"] / r_gptq["rtn_objective_error"])
+            if args.ablations and bits == bit_list[0] and seed == seeds[0]:
+                gp = {**common, "method": "gptq", "act_order": act}
+                menu = {
+                    "nonseq": ("  GPTQ non-sequential", gp, None),
+                    "noact": ("  GPTQ act_order none", {**gp, "act_order": None}, None),
+                    "group": ("  GPTQ act_order group", {**gp, "act_order": "group"}, None),
+                    "damp": ("  GPTQ damp 0.1", {**gp, "damp": 0.1}, None),
+                    "calib64": ("  GPTQ 64x128 calibration", gp, 64),
+                }
+                for key in args.ablations.split(","):
+                    name, step, samples = menu[key]
+                    c = ctx if samples is None else OpContext(lm=lm, calibration=Calibration(**{**cal.to_dict(), "samples": samples}))
+                    v, rep, sec = run_ours(c, base, step, sequential=key != "nonseq")
+                    r = row(f"{name} {bits}-bit", ppl_only(lm, v, args.max_tokens), dense["ppl"], rep, sec)
+                    r["ablation"] = key
+                    rows.append(r)
+                    print(fmt(r), flush=True)
+            if args.with_llmcompressor and str(bits) in args.llmc_bits.split(","):
+                eval_ids = data.evaluation_ids(lm.tokenizer, cal.source, EVAL_SEQ_LEN, args.max_tokens)
+                res = run_llmc(lm, ctx.calib_ids(), eval_ids, bits, args.group_size, args.sym, act, args.damp,
+                               torch.get_num_threads(), args.observer)
+                if "error" in res:
+                    print(f"llm-compressor {bits}-bit: {res['error']}", flush=True)
+                else:
+                    r = {"name": f"llm-compressor GPTQ {bits}-bit{tag}", "ppl": res["ppl"],
+                         "ppl_increase": res["ppl"] - dense["ppl"], "kl": float("nan"), "top1": float("nan"),
+                         "bytes": float("nan"), "tokens": res["tokens"], "quantize_seconds": res["seconds"]}
+                    print(fmt(r).replace("nan", "  -"), flush=True)
+                    run.update(llmc=res["ppl"], llmc_s=res["seconds"])
+                rows.append({"name": f"llm-compressor GPTQ {bits}-bit{tag}", **res})
+            runs[bits].append(run)
     print()
-    for k, s in summary.items():
-        line = (f"{k}: GPTQ below RTN: {s['gptq_beats_rtn']}; GPTQ removes {100 * s['rtn_increase_removed']:.0f} % of "
-                f"RTN's perplexity increase; GPTQ/RTN layer objective (sum over linears) {s['objective_ratio']:.3f}")
-        if "llmc" in s:
-            line += (f"; wall time ours/llm-compressor {s['llmc']['wall_ratio_ours_over_theirs']:.2f}, "
-                     f"ppl ours <= theirs: {s['llmc']['ours_ppl_le_theirs']}")
+    summary = {}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    for bits, rs in runs.items():
+        rtn, gq = mean([r["rtn"] for r in rs]), mean([r["gptq"] for r in rs])
+        cut = 1 - (gq - dense["ppl"]) / (rtn - dense["ppl"]) if rtn > dense["ppl"] else float("nan")
+        s = {"seeds": [r["seed"] for r in rs], "rtn_ppl_mean": rtn, "gptq_ppl_mean": gq,
+             "gptq_beats_rtn": all(r["gptq"] < r["rtn"] for r in rs), "rtn_increase_removed": cut,
+             "objective_ratio": mean([r["objective_ratio"] for r in rs]), "runs": rs}
+        line = (f"{bits}bit ({len(rs)} calibration seed(s)): mean ppl RTN {rtn:.3f}, GPTQ {gq:.3f}; GPTQ below RTN "
+                f"at every seed: {s['gptq_beats_rtn']}; GPTQ removes {100 * cut:.0f} % of RTN's perplexity increase; "
+                f"GPTQ/RTN layer objective {s['objective_ratio']:.3f}")
+        theirs = [r for r in rs if "llmc" in r]
+        if theirs:
+            lc = mean([r["llmc"] for r in theirs])
+            ours = mean([r["gptq"] for r in theirs])
+            ratio = sum(r["gptq_s"] for r in theirs) / sum(r["llmc_s"] for r in theirs)
+            wins = sum(r["gptq"] <= r["llmc"] for r in theirs)
+            s["llmc"] = {"ppl_mean": lc, "ours_ppl_mean": ours, "wall_ratio_ours_over_theirs": ratio,
+                         "ours_ppl_le_theirs": ours <= lc, "seeds_ours_le_theirs": wins}
+            line += (f"; llm-compressor mean ppl {lc:.3f} vs ours {ours:.3f} (ours <= theirs: {ours <= lc}; at "
+                     f"{wins} of {len(theirs)} seeds); wall time ours/llm-compressor {ratio:.2f}")
+        summary[f"{bits}bit"] = s
         print(line)
     print("note: the default model's weights come from a Q4_1 GGUF (4-bit asymmetric grid, groups of 32 along the "
           "input): the 'dense' model is already 4-bit; re-quantizing to g64 cannot land on its grid.")

@@ -17,6 +17,8 @@ from workbench.panels.chart import click_bridge_js
 
 TITLE = "Blocks"
 MODES = ["prune", "fuse", "quantize"]
+# Scale choice offered first for the quantize mode (the recipe step itself defaults to "minmax").
+DEFAULT_OBSERVER = "minmax"
 COLOURS = {"kept": "#4C78A8", "pending": "#E45756", "dropped": "#C9C9C9", "fused": "#F58518",
            "quantized": "#54A24B", "sparse": "#B279A2", "changed": "#9D755D"}
 
@@ -141,7 +143,7 @@ def suggest(store, sid: str, metric: str, k: int, progress=gr.Progress()) -> tup
 
 
 def step_for(mode: str, blocks: list[int], kept: list[int], rank: int = 8, steps: int = 40,
-             method: str = "gptq", bits: int = 4, group_size: int = 64) -> dict:
+             method: str = "gptq", bits: int = 4, group_size: int = 64, observer: str = "minmax") -> dict:
     """The recipe step the Apply button makes from the mode, its options and the selection."""
     order = [int(b) for b in blocks]  # click order: fusion runs in it
     blocks = sorted(order)
@@ -154,17 +156,18 @@ def step_for(mode: str, blocks: list[int], kept: list[int], rank: int = 8, steps
             raise RecipeError("select blocks to fuse: click their bars in the chart")
         return {"op": "fuse_blocks", "blocks": order, "rank": int(rank), "steps": int(steps)}
     if mode == "quantize":  # no selection: every kept block
-        return {"op": "quantize", "method": method, "bits": int(bits), "group_size": int(group_size),
+        return {"op": "quantize", "method": method, "bits": int(bits), "group_size": int(group_size), "observer": observer,
                 "blocks": blocks or list(kept)}
     raise RecipeError(f"unknown mode '{mode}'")
 
 
 def apply(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: int, group_size: int,
-          progress=gr.Progress()) -> tuple[str, str]:
+          observer: str = "minmax", progress=gr.Progress()) -> tuple[str, str]:
     """Apply the step to the current variant (a heavy, cancellable job). -> (status, changed token)."""
     from workbench.app import PanelContext, progress_fn
 
-    step = step_for(mode, store.pending_in_order(sid), store.current(sid).kept(), rank, steps, method, bits, group_size)
+    step = step_for(mode, store.pending_in_order(sid), store.current(sid).kept(), rank, steps, method, bits, group_size,
+                    observer)
     base = store.current(sid)
     cancel = store.begin_job(sid)
     try:
@@ -234,6 +237,8 @@ def build(ctx) -> dict:
         method = gr.Dropdown(["gptq", "rtn"], value="gptq", label="quantize: method", visible=False)
         bits = gr.Dropdown([2, 3, 4, 8], value=4, label="quantize: bits", visible=False)
         group = gr.Dropdown([32, 64, 128, -1], value=64, label="quantize: group size", visible=False)
+        observer = gr.Dropdown([("min-max range", "minmax"), ("range search (mse)", "mse")], value=DEFAULT_OBSERVER,
+                               label="quantize: scales", visible=False)
     with gr.Row():
         clear_b = gr.Button("Clear selection")
         apply_b = gr.Button("Apply", variant="primary", elem_id="wb-apply")
@@ -245,16 +250,17 @@ def build(ctx) -> dict:
     status = gr.Markdown(elem_id="wb-status")
 
     def on_mode(m):
-        return [gr.update(visible=m == "fuse")] * 2 + [gr.update(visible=m == "quantize")] * 3
+        return [gr.update(visible=m == "fuse")] * 2 + [gr.update(visible=m == "quantize")] * 4
 
-    mode.change(on_mode, mode, [rank, fsteps, method, bits, group], show_progress="hidden")
+    mode.change(on_mode, mode, [rank, fsteps, method, bits, group, observer], show_progress="hidden")
     mode.change(g(lambda s, m: preview_text(store, s, m)), [sid, mode], preview, show_progress="hidden")
     chart.click(g(_click_handler(store)),
                 [sid, metric], [chart, selection], show_progress="hidden").then(
         g(lambda s, m: preview_text(store, s, m)), [sid, mode], preview, show_progress="hidden")
     clear_b.click(g(lambda s, m: clear(store, s, m)), [sid, metric], [chart, selection, preview], show_progress="hidden")
     apply_b.click(g(lambda s, *a, progress=gr.Progress(): apply(store, s, *a, progress=progress)),
-                  [sid, mode, rank, fsteps, method, bits, group], [status, ctx.changed], api_name="apply", **ctx.heavy)
+                  [sid, mode, rank, fsteps, method, bits, group, observer], [status, ctx.changed], api_name="apply",
+                  **ctx.heavy)
     cancel_b.click(g(lambda s: store.cancel(s)), sid, None, show_progress="hidden")
     undo_b.click(g(lambda s: undo(store, s)), sid, [status, ctx.changed], api_name="undo", **ctx.heavy)
     refresh = g(lambda s, m, progress=gr.Progress(): (chart_value(store, s, m, _pf(progress)), selection_text(store, s), ""))

@@ -14,7 +14,32 @@ from workbench.engine.workspace import original_variant, state_fingerprint, view
 
 
 # ---- an independent reference: GPTQ as the OBS recursion on the explicit inverse Hessian ------------
-def naive_gptq(W, H, bits, group_size, sym, act_order, damp=0.01):
+def naive_range_search(x, bits, sym, shrinks=tuple(1 - i / 100 for i in range(20)), norm=2.4):
+    """Reference for observer="mse": row by row, try every shrunk min-max range and keep the grid with
+    the smallest sum |w_hat - w|^norm (plain Python loops; the first of equal errors wins)."""
+    maxq = 2**bits - 1
+    scales, zeros = [], []
+    for row in x:
+        lo0, hi0 = min(float(row.min()), 0.0), max(float(row.max()), 0.0)
+        best = None
+        for p in shrinks:
+            lo, hi = lo0 * p, hi0 * p
+            if sym:
+                hi = max(-lo, hi)
+                lo = -hi
+            if lo == 0 and hi == 0:
+                lo, hi = -1.0, 1.0
+            s = (hi - lo) / maxq
+            z = float((maxq + 1) // 2) if sym else min(max(round(-lo / s), 0), maxq)
+            err = sum(abs(s * (min(max(round(float(w) / s) + z, 0), maxq) - z) - float(w)) ** norm for w in row)
+            if best is None or err < best[0]:
+                best = (err, s, z)
+        scales.append(best[1])
+        zeros.append(best[2])
+    return torch.tensor(scales, dtype=x.dtype), torch.tensor(zeros, dtype=x.dtype)
+
+
+def naive_gptq(W, H, bits, group_size, sym, act_order, damp=0.01, observer="minmax"):
     """Quantize one column at a time; after each, update every remaining column with the OBS step
     -err * Hinv[c, :] / Hinv[c, c] and remove column c from the inverse by Gaussian elimination.
     No Cholesky, no lazy blocks. Group grids: at a group's first column (dynamic) or up front (static)."""
@@ -30,6 +55,8 @@ def naive_gptq(W, H, bits, group_size, sym, act_order, damp=0.01):
     static = act_order in ("weight", "static") or group_size == -1
 
     def params(x):  # min-max over a (rows, k) slice, range containing 0
+        if observer == "mse":
+            return naive_range_search(x, bits, sym)
         lo, hi = x.min(1).values.clamp(max=0), x.max(1).values.clamp(min=0)
         if sym:
             hi = torch.maximum(-lo, hi)
@@ -64,19 +91,58 @@ def _problem(rows=12, cols=64, seed=0, dead=(5,)):
 
 
 @pytest.mark.parametrize(
-    "bits,group_size,sym,act_order",
-    [(4, 16, False, None), (3, 16, True, "weight"), (4, -1, False, "group"), (2, 8, False, "group"),
-     (8, 32, True, None), (4, 32, False, "static")],
+    "bits,group_size,sym,act_order,observer",
+    [(4, 16, False, None, "minmax"), (3, 16, True, "weight", "minmax"), (4, -1, False, "group", "minmax"),
+     (2, 8, False, "group", "minmax"), (8, 32, True, None, "minmax"), (4, 32, False, "static", "minmax"),
+     (3, 16, False, "weight", "mse"), (4, 16, True, None, "mse")],
 )
-def test_gptq_matches_naive_column_by_column(bits, group_size, sym, act_order):
+def test_gptq_matches_naive_column_by_column(bits, group_size, sym, act_order, observer):
     W, H = _problem()
-    scheme = G.Scheme(bits=bits, group_size=group_size, sym=sym, act_order=act_order, block_size=32)
+    scheme = G.Scheme(bits=bits, group_size=group_size, sym=sym, act_order=act_order, block_size=32, observer=observer)
     res = G.gptq(W, H, scheme)
-    ref = naive_gptq(W, H, bits, group_size, sym, act_order)
+    ref = naive_gptq(W, H, bits, group_size, sym, act_order, observer=observer)
     assert torch.equal(res.codes.double(), ref)
     # the dequantized weight is the stored grid applied to the codes
     assert torch.allclose(res.weight, G.dequantize(res.codes, res.scale, res.zero, res.g_idx).double())
     assert torch.all(res.weight[:, 5] == 0)  # dead column
+
+
+@pytest.mark.parametrize("bits,sym", [(4, False), (3, False), (3, True), (2, False)])
+def test_mse_observer_matches_a_naive_range_search(bits, sym):
+    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
+    x[3] = 0.0  # an all-zero row
+    x[4] = x[4].abs()  # a row with no negative weight
+    scale, zero = G.grid_params(x, bits, sym, observer="mse")
+    ref_s, ref_z = naive_range_search(x, bits, sym)
+    assert torch.allclose(scale, ref_s, rtol=1e-12) and torch.equal(zero, ref_z)
+
+
+def test_mse_observer_fits_weights_at_least_as_well_as_minmax():
+    W = torch.randn(64, 128, generator=torch.Generator().manual_seed(4))
+    W[:, 7] *= 8  # outlier columns: min-max grids waste their range on them
+    for bits in (3, 4):
+        mm = G.rtn(W, G.Scheme(bits=bits, group_size=32))
+        mse = G.rtn(W, G.Scheme(bits=bits, group_size=32, observer="mse"))
+        per_row = lambda r: (r.weight - W).abs().pow(2.4).reshape(64, 4, 32).sum(-1)  # noqa: E731
+        assert torch.all(per_row(mse) <= per_row(mm) * (1 + 1e-5))  # per group, on the search's measure
+        assert (mse.weight - W).norm() < (mm.weight - W).norm()
+    with pytest.raises(ValueError, match="observer"):
+        G.Scheme(observer="histogram")
+
+
+@pytest.mark.parametrize("observer", ["minmax", "mse"])
+def test_gptq_reuses_a_given_static_grid_only_where_it_is_the_same(observer):
+    for dead in ((), (5,)):  # a dead column is zeroed first and may change its group's range: searched again
+        W, H = _problem(dead=dead)
+        W = W.float()
+        H = H.float()
+        scheme = G.Scheme(bits=3, group_size=16, act_order="weight", observer=observer)
+        plain = G.gptq(W, H, scheme)
+        r = G.rtn(W, scheme)
+        given = G.gptq(W, H, scheme, grid=(r.scale, r.zero))
+        assert torch.equal(given.codes, plain.codes) and torch.equal(given.scale, plain.scale)
+        if not dead:
+            assert torch.equal(plain.scale, r.scale)  # what makes the reuse exact
 
 
 def test_act_order_group_g_idx_follows_processing_order():
@@ -306,6 +372,13 @@ def test_compressed_tensors_export_refuses_what_it_cannot_write(tiny_lm, calib_t
     v = _quantize(_ctx(gpt2, calib_text), original_variant(2), method="rtn", bits=4, group_size=32, blocks=[0])
     with pytest.raises(ExportError, match="Conv1D"):
         export_compressed(gpt2, v, tmp_path / "y", {})
+
+
+def test_observer_is_optional_in_recipes_and_validated():
+    assert step_from_dict({"op": "quantize"}).to_dict()["observer"] == "minmax"  # older recipes replay unchanged
+    assert step_from_dict({"op": "quantize", "observer": "mse"}).scheme().observer == "mse"
+    with pytest.raises(RecipeError, match="observer"):
+        step_from_dict({"op": "quantize", "observer": "percentile"})
 
 
 def test_act_order_default_resolves_per_method():

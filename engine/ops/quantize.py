@@ -1,9 +1,11 @@
 """The `quantize` step: RTN or GPTQ weight quantization of the linears inside chosen blocks.
 
     {"op": "quantize", "method": "gptq", "bits": 4, "group_size": 64, "sym": false,
-     "act_order": "weight", "blocks": [0, 1, 2]}
+     "act_order": "weight", "blocks": [0, 1, 2], "observer": "minmax"}
 
 `act_order` defaults to "auto": "weight" for GPTQ (better here, see README), null for RTN.
+`observer` (optional, default "minmax", so recipes written without it replay unchanged): "mse" searches
+each group's range (see `gptq.grid_params`) for RTN and GPTQ alike.
 
 Sequential calibration (the order of IST-DASLab/gptq, arXiv 2210.17323): the calibration ids are traced
 once; the hidden state is carried through the variant's blocks in order; each chosen block is copied,
@@ -75,6 +77,7 @@ class Quantize(Step):
     act_order: str | None = "auto"  # auto: "weight" for gptq (measured better here), none for rtn
     blocks: tuple = ()
     damp: float = 0.01
+    observer: str = "minmax"  # "mse": each group's range is searched (shrunk) to fit its weights best
 
     def __post_init__(self):
         if self.act_order == "auto":
@@ -93,6 +96,8 @@ class Quantize(Step):
             )
         if self.method == "rtn" and self.act_order is not None:
             raise RecipeError("step 'quantize': 'act_order' applies to method 'gptq' only (RTN has no column order)")
+        if self.observer not in solver.OBSERVERS:
+            raise RecipeError(f"step 'quantize': 'observer' must be one of {', '.join(solver.OBSERVERS)}, got {self.observer!r}")
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not 0 <= self.damp < 1:
             raise RecipeError(f"step 'quantize': 'damp' must be a number in [0, 1), got {self.damp!r}")
         if not isinstance(self.blocks, (list, tuple)) or not all(
@@ -103,7 +108,7 @@ class Quantize(Step):
 
     def scheme(self) -> solver.Scheme:
         return solver.Scheme(bits=self.bits, group_size=self.group_size, sym=self.sym,
-                             act_order=self.act_order, damp=float(self.damp))
+                             act_order=self.act_order, damp=float(self.damp), observer=self.observer)
 
     def apply(self, ctx: OpContext, variant: Variant):
         blocks = sorted(set(self.blocks)) if self.blocks else variant.kept()
@@ -237,7 +242,7 @@ def quantize_block(block: nn.Module, adapter, hidden: torch.Tensor, call: BlockC
         W = linear_weight(mod).detach()  # (out, in)
         H = collector.hessian(name)
         rtn_res = solver.rtn(W, scheme, hessian=H)
-        res = rtn_res if method == "rtn" else solver.gptq(W, H, scheme)
+        res = rtn_res if method == "rtn" else solver.gptq(W, H, scheme, grid=(rtn_res.scale, rtn_res.zero))
         base = solver.objective(W, torch.zeros_like(W), H)  # tr(W H W^T): the output energy
         set_linear_weight(mod, res.weight)
         mod.workbench_quant = QuantRecord(
@@ -321,7 +326,7 @@ def quantize_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme:
         "op": "quantize",
         "method": method,
         "scheme": {"bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym,
-                   "act_order": scheme.act_order, "damp": scheme.damp},
+                   "act_order": scheme.act_order, "damp": scheme.damp, "observer": scheme.observer},
         "blocks": {str(i): r for i, r in sorted(per_block.items())},
         "total": {
             "blocks": len(per_block),
