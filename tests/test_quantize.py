@@ -242,6 +242,41 @@ def test_sequential_calibration_feeds_the_quantized_output(tiny_lm, calib_text):
     assert abs(seq - not_seq) > 1e-3 * seq  # the test can tell the two orders apart
 
 
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_true_sequential_fits_later_linears_to_the_quantized_earlier_ones(tiny_lm, calib_text, true_sequential):
+    """Block 0's o and down errors, as reported, must be measured on the inputs that the quantized
+    q/k/v (and o, gate/up) produce with true_sequential, on the unquantized block's inputs without."""
+    lm = tiny_lm("llama", layers=2)
+    ctx = _ctx(lm, calib_text)
+    v = _quantize(ctx, original_variant(2), method="rtn", bits=2, group_size=32, blocks=[0],
+                  true_sequential=true_sequential)
+    assert v.reports[-1]["true_sequential"] is true_sequential
+    reported = v.reports[-1]["blocks"]["0"]["linears"]
+
+    def input_hessians(variant):  # block 0's o and down inputs in a plain model run
+        model = view_model(lm.model, lm.adapter, variant)
+        lin = lm.adapter.linears(lm.adapter.blocks(model)[0])
+        xs = {"o": [], "down": []}
+        hs = [lin[n].register_forward_pre_hook(lambda m, a, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1]).double()))
+              for n in xs]
+        try:
+            model(input_ids=ctx.calib_ids(), use_cache=False)
+        finally:
+            for h in hs:
+                h.remove()
+        return {n: torch.cat(x).T @ torch.cat(x) / torch.cat(x).shape[0] for n, x in xs.items()}
+
+    fitted, unquantized = input_hessians(v), input_hessians(original_variant(2))
+    orig = lm.adapter.linears(lm.adapter.blocks(lm.model)[0])
+    for name in ("o", "down"):
+        W = orig[name].weight.detach()
+        Wq = G.rtn(W, G.Scheme(bits=2, group_size=32)).weight
+        with_q, without_q = G.objective(W, Wq, fitted[name]), G.objective(W, Wq, unquantized[name])
+        assert abs(with_q - without_q) > 1e-3 * with_q  # the test can tell the two apart
+        expected = with_q if true_sequential else without_q
+        assert reported[name]["rtn_error"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_sizes_mixed_precision_and_requantize_from_source(tiny_lm, calib_text):
     from workbench.engine.eval import size_of
 
@@ -377,6 +412,9 @@ def test_compressed_tensors_export_refuses_what_it_cannot_write(tiny_lm, calib_t
 def test_observer_is_optional_in_recipes_and_validated():
     assert step_from_dict({"op": "quantize"}).to_dict()["observer"] == "minmax"  # older recipes replay unchanged
     assert step_from_dict({"op": "quantize", "observer": "mse"}).scheme().observer == "mse"
+    assert step_from_dict({"op": "quantize"}).to_dict()["true_sequential"] is False
+    with pytest.raises(RecipeError, match="true_sequential"):
+        step_from_dict({"op": "quantize", "true_sequential": "yes"})
     with pytest.raises(RecipeError, match="observer"):
         step_from_dict({"op": "quantize", "observer": "percentile"})
 

@@ -5,7 +5,8 @@
 
 `act_order` defaults to "auto": "weight" for GPTQ (better here, see README), null for RTN.
 `observer` (optional, default "minmax", so recipes written without it replay unchanged): "mse" searches
-each group's range (see `gptq.grid_params`) for RTN and GPTQ alike.
+each group's range (see `gptq.grid_params`) for RTN and GPTQ alike. `true_sequential` (optional, default
+false): see `quantize_block`.
 
 Sequential calibration (the order of IST-DASLab/gptq, arXiv 2210.17323): the calibration ids are traced
 once; the hidden state is carried through the variant's blocks in order; each chosen block is copied,
@@ -78,6 +79,7 @@ class Quantize(Step):
     blocks: tuple = ()
     damp: float = 0.01
     observer: str = "minmax"  # "mse": each group's range is searched (shrunk) to fit its weights best
+    true_sequential: bool = False  # re-collect each later stage's Hessian after the earlier stages are quantized
 
     def __post_init__(self):
         if self.act_order == "auto":
@@ -96,6 +98,8 @@ class Quantize(Step):
             )
         if self.method == "rtn" and self.act_order is not None:
             raise RecipeError("step 'quantize': 'act_order' applies to method 'gptq' only (RTN has no column order)")
+        if not isinstance(self.true_sequential, bool):
+            raise RecipeError(f"step 'quantize': 'true_sequential' must be true or false, got {self.true_sequential!r}")
         if self.observer not in solver.OBSERVERS:
             raise RecipeError(f"step 'quantize': 'observer' must be one of {', '.join(solver.OBSERVERS)}, got {self.observer!r}")
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not 0 <= self.damp < 1:
@@ -116,7 +120,8 @@ class Quantize(Step):
         dropped = [b for b in blocks if variant.overrides.get(b) is DROP]
         if dropped:
             raise RecipeError(f"step 'quantize': block {dropped[0]} is dropped in this variant; it cannot be quantized")
-        new, report = quantize_blocks(ctx, variant, blocks, self.scheme(), self.method)
+        new, report = quantize_blocks(ctx, variant, blocks, self.scheme(), self.method,
+                                      true_sequential=self.true_sequential)
         resolved = self.to_dict()
         resolved["blocks"] = blocks
         return new, report, resolved
@@ -218,56 +223,49 @@ def _param_bytes(module: nn.Module, skip: set[int]) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters() if id(p) not in skip)
 
 
+def _collect(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor, call: BlockCall) -> HessianCollector:
+    collector = HessianCollector(linears)
+    with hooks(*collector.handles()):
+        _run(block, hidden, call, on_batch=collector.start_batch)
+    collector.start_batch()  # release the held inputs
+    return collector
+
+
 @torch.no_grad()
 def quantize_block(block: nn.Module, adapter, hidden: torch.Tensor, call: BlockCall, scheme: solver.Scheme,
-                   method: str, compare_rtn: bool = True) -> tuple[nn.Module, dict]:
+                   method: str, true_sequential: bool = False) -> tuple[nn.Module, dict]:
     """Quantize one block (a copy is made; `block` is not touched) on its calibration input `hidden`.
 
     -> (replacement block, report). The report gives, per linear, the objective error of the method
     and of RTN with the same scheme on the same Hessian, and the block's bits per weight and bytes.
+
+    The linears are solved in stages, in the order the forward pass first calls them (linears sharing
+    an input form one stage: q/k/v, o, gate/up, down). With `true_sequential` (IST-DASLab/gptq's
+    `--true-sequential`), each later stage's Hessian is collected again with the earlier stages already
+    quantized, so e.g. o_proj is fitted to the output of the quantized q/k/v; otherwise every Hessian
+    comes from the one pass of the unquantized block.
     """
     q_block = copy_block(block)
     linears = adapter.linears(q_block)
-    collector = HessianCollector(linears)
-    with hooks(*collector.handles()):
-        _run(q_block, hidden, call, on_batch=collector.start_batch)
-    collector.start_batch()  # release the held inputs
+    collector = _collect(q_block, linears, hidden, call)
+    stages = [[n for n in linears if collector.owner.get(n) == acc] for acc in collector.sums]  # call order
+    uncalled = [n for n in linears if n not in collector.owner]
+    if uncalled:
+        raise RecipeError(f"step 'quantize': the block's forward pass never calls {uncalled}; cannot calibrate them")
 
     per_linear = {}
     n_weights = 0
     q_bytes = 0
     orig_bytes = _param_bytes(block, set())
     quantized_params: set[int] = set()
-    for name, mod in linears.items():
-        W = linear_weight(mod).detach()  # (out, in)
-        H = collector.hessian(name)
-        rtn_res = solver.rtn(W, scheme, hessian=H)
-        res = rtn_res if method == "rtn" else solver.gptq(W, H, scheme, grid=(rtn_res.scale, rtn_res.zero))
-        base = solver.objective(W, torch.zeros_like(W), H)  # tr(W H W^T): the output energy
-        set_linear_weight(mod, res.weight)
-        mod.workbench_quant = QuantRecord(
-            codes=res.codes, scale=res.scale, zero=res.zero, g_idx=res.g_idx, bits=scheme.bits,
-            group_size=scheme.group_size, sym=scheme.sym, act_order=scheme.act_order, method=method,
-        )
-        rows, cols = W.shape
-        scale_bytes = mod.weight.element_size() if mod.weight.element_size() <= 4 else 4
-        nb = solver.packed_nbytes(rows, cols, scheme, scale_bytes=scale_bytes)
-        quantized_params.add(id(mod.weight))
-        n_weights += rows * cols
-        q_bytes += nb
-        entry = {
-            "shape": [rows, cols],
-            "error": res.error,
-            "rtn_error": rtn_res.error,
-            "relative_error": res.error / base if base > 0 else 0.0,
-            "rtn_relative_error": rtn_res.error / base if base > 0 else 0.0,
-            "bits_per_weight": 8 * nb / (rows * cols),
-            "hessian_shared_with": [n for g in collector.shared_groups() if name in g for n in g if n != name],
-            "tokens": collector.counts[collector.owner[name]],
-        }
-        if method == "gptq":
-            entry["gptq_error"] = res.error
-        per_linear[name] = entry
+    for j, stage in enumerate(stages):
+        # true sequential: a later stage's inputs as the already quantized earlier stages make them
+        hess = _collect(q_block, {n: linears[n] for n in stage}, hidden, call) if true_sequential and j else collector
+        for name in stage:
+            per_linear[name], nb = _solve_linear(name, linears[name], hess, scheme, method)
+            quantized_params.add(id(linears[name].weight))
+            n_weights += linears[name].weight.numel()
+            q_bytes += nb
     other = _param_bytes(q_block, quantized_params)
     q_block.workbench_nbytes = q_bytes + other
     report = {
@@ -281,9 +279,40 @@ def quantize_block(block: nn.Module, adapter, hidden: torch.Tensor, call: BlockC
     return q_block, report
 
 
+def _solve_linear(name: str, mod: nn.Module, collector: HessianCollector, scheme: solver.Scheme,
+                  method: str) -> tuple[dict, int]:
+    """Quantize one linear in place with its Hessian from `collector`. -> (report entry, packed bytes)."""
+    W = linear_weight(mod).detach()  # (out, in)
+    H = collector.hessian(name)
+    rtn_res = solver.rtn(W, scheme, hessian=H)
+    res = rtn_res if method == "rtn" else solver.gptq(W, H, scheme, grid=(rtn_res.scale, rtn_res.zero))
+    base = solver.objective(W, torch.zeros_like(W), H)  # tr(W H W^T): the output energy
+    set_linear_weight(mod, res.weight)
+    mod.workbench_quant = QuantRecord(
+        codes=res.codes, scale=res.scale, zero=res.zero, g_idx=res.g_idx, bits=scheme.bits,
+        group_size=scheme.group_size, sym=scheme.sym, act_order=scheme.act_order, method=method,
+    )
+    rows, cols = W.shape
+    scale_bytes = mod.weight.element_size() if mod.weight.element_size() <= 4 else 4
+    nb = solver.packed_nbytes(rows, cols, scheme, scale_bytes=scale_bytes)
+    entry = {
+        "shape": [rows, cols],
+        "error": res.error,
+        "rtn_error": rtn_res.error,
+        "relative_error": res.error / base if base > 0 else 0.0,
+        "rtn_relative_error": rtn_res.error / base if base > 0 else 0.0,
+        "bits_per_weight": 8 * nb / (rows * cols),
+        "hessian_shared_with": [n for g in collector.shared_groups() if name in g for n in g if n != name],
+        "tokens": collector.counts[collector.owner[name]],
+    }
+    if method == "gptq":
+        entry["gptq_error"] = res.error
+    return entry, nb
+
+
 @torch.no_grad()
 def quantize_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme: solver.Scheme,
-                    method: str, sequential: bool = True) -> tuple[Variant, dict]:
+                    method: str, sequential: bool = True, true_sequential: bool = False) -> tuple[Variant, dict]:
     """Sequentially quantize `blocks` of `variant`. -> (new variant, report).
 
     `sequential=False` (for ablations only) calibrates every block on the unquantized variant's
@@ -310,7 +339,7 @@ def quantize_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme:
         if i in todo:
             ctx.report(done / len(blocks), f"quantize: block {i} ({method} {scheme.bits}-bit)")
             src = _source_module(lm, variant, i)
-            q_block, rep = quantize_block(src, lm.adapter, h, call, scheme, method)
+            q_block, rep = quantize_block(src, lm.adapter, h, call, scheme, method, true_sequential)
             # A plain attribute (not a registered submodule): sizes and state dicts ignore it.
             object.__setattr__(q_block, "workbench_quant_source", src)
             new.overrides[i] = q_block
@@ -340,6 +369,7 @@ def quantize_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme:
         },
         "calibration_tokens": int(ids.numel()),
         "sequential": sequential,
+        "true_sequential": true_sequential,
         "seconds": time.perf_counter() - t0,
     }
     ctx.report(1.0, f"quantize: {len(per_block)} blocks done")
