@@ -7,7 +7,7 @@ Printed: perplexity, its increase over dense, KL and top-1 agreement vs dense, b
 quantization seconds, and how much of RTN's perplexity increase GPTQ removes.
 
     python bench/quantize.py [--bits 4,3] [--group-size 64] [--sym] [--act-order weight] [--observer mse] [--seeds 0,1,2]
-                             [--true-sequential]
+                             [--hessian-shrink 0.4] [--true-sequential]
                              [--samples N] [--ablations] [--with-llmcompressor]
 
 --ablations adds GPTQ runs that each undo one ingredient (non-sequential calibration, no act order,
@@ -190,6 +190,8 @@ def main():
     ap.add_argument("--sym", action="store_true", help="symmetric grids (default: asymmetric)")
     ap.add_argument("--act-order", default="weight", help="weight | group | none (default: weight)")
     ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--hessian-shrink", type=float, default=0.0,
+                    help="ours: GPTQ Hessian shrinkage toward its diagonal (0 = GPTQ as published; the app proposes 0.4)")
     ap.add_argument("--true-sequential", action="store_true",
                     help="ours: re-collect each later stage's Hessian after quantizing the earlier ones (q/k/v, o, gate/up, down)")
     ap.add_argument("--observer", default="minmax", choices=["minmax", "mse"],
@@ -223,7 +225,8 @@ def main():
     dense = evaluate(lm, base, args.max_tokens)
     print(f"evaluation: {dense['tokens']} held-out tokens (split: evaluation), seq_len {EVAL_SEQ_LEN}")
     print(f"scheme: group {args.group_size}, {'symmetric' if args.sym else 'asymmetric'}, GPTQ act_order {act}, "
-          f"damp {args.damp}, observer {args.observer}, true sequential (ours) {args.true_sequential}; every linear "
+          f"damp {args.damp}, observer {args.observer}, Hessian shrink (ours) {args.hessian_shrink}, true sequential "
+          f"(ours) {args.true_sequential}; every linear "
           f"of all {lm.num_blocks} blocks\n")
     rows = [row("dense", dense, dense["ppl"])]
     print(HEADER)
@@ -237,7 +240,8 @@ def main():
         for bits in bit_list:
             run = {"seed": seed}
             common = {"op": "quantize", "bits": bits, "group_size": args.group_size, "sym": args.sym, "damp": args.damp,
-                      "observer": args.observer, "true_sequential": args.true_sequential}
+                      "observer": args.observer, "true_sequential": args.true_sequential,
+                      "hessian_shrink": args.hessian_shrink}
             v, rep, sec = run_ours(ctx, base, {**common, "method": "rtn"})
             r_rtn = row(f"RTN  {bits}-bit g{args.group_size}{tag}", evaluate(lm, v, args.max_tokens), dense["ppl"], rep, sec)
             print(fmt(r_rtn), flush=True)

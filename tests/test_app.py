@@ -157,7 +157,11 @@ def test_step_dicts_and_preview(store, sid):
     assert blocks.step_for("prune", [3, 1], kept) == {"op": "prune_blocks", "blocks": [1, 3]}
     assert blocks.step_for("fuse", [2], kept, rank=4, steps=10) == {"op": "fuse_blocks", "blocks": [2], "rank": 4, "steps": 10}
     assert blocks.step_for("quantize", [], kept, method="rtn", bits=8, group_size=32) == {
-        "op": "quantize", "method": "rtn", "bits": 8, "group_size": 32, "blocks": kept}
+        "op": "quantize", "method": "rtn", "bits": 8, "group_size": 32, "observer": "minmax", "hessian_shrink": 0.0,
+        "blocks": kept}
+    assert blocks.step_for("quantize", [2], kept, observer="mse", shrink=0.4) == {
+        "op": "quantize", "method": "gptq", "bits": 4, "group_size": 64, "observer": "mse", "hessian_shrink": 0.4,
+        "blocks": [2]}
     with pytest.raises(RecipeError, match="select blocks"):
         blocks.step_for("prune", [], kept)
     assert blocks.preview_text(store, sid, "prune") == ""

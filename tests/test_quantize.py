@@ -39,7 +39,7 @@ def naive_range_search(x, bits, sym, shrinks=tuple(1 - i / 100 for i in range(20
     return torch.tensor(scales, dtype=x.dtype), torch.tensor(zeros, dtype=x.dtype)
 
 
-def naive_gptq(W, H, bits, group_size, sym, act_order, damp=0.01, observer="minmax"):
+def naive_gptq(W, H, bits, group_size, sym, act_order, damp=0.01, observer="minmax", shrink=0.0):
     """Quantize one column at a time; after each, update every remaining column with the OBS step
     -err * Hinv[c, :] / Hinv[c, c] and remove column c from the inverse by Gaussian elimination.
     No Cholesky, no lazy blocks. Group grids: at a group's first column (dynamic) or up front (static)."""
@@ -48,7 +48,9 @@ def naive_gptq(W, H, bits, group_size, sym, act_order, damp=0.01, observer="minm
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    H += damp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
+    eye = torch.eye(cols, dtype=H.dtype)
+    H = H * eye + (1 - shrink) * H * (1 - eye)  # off-diagonal entries shrunk toward 0
+    H += damp * torch.diag(H).mean() * eye
     maxq = 2**bits - 1
     g = cols if group_size == -1 else group_size
     order = torch.argsort(torch.diag(H), descending=True).tolist() if act_order else list(range(cols))
@@ -96,11 +98,13 @@ def _problem(rows=12, cols=64, seed=0, dead=(5,)):
      (2, 8, False, "group", "minmax"), (8, 32, True, None, "minmax"), (4, 32, False, "static", "minmax"),
      (3, 16, False, "weight", "mse"), (4, 16, True, None, "mse")],
 )
-def test_gptq_matches_naive_column_by_column(bits, group_size, sym, act_order, observer):
+@pytest.mark.parametrize("shrink", [0.0, 0.4])
+def test_gptq_matches_naive_column_by_column(bits, group_size, sym, act_order, observer, shrink):
     W, H = _problem()
-    scheme = G.Scheme(bits=bits, group_size=group_size, sym=sym, act_order=act_order, block_size=32, observer=observer)
+    scheme = G.Scheme(bits=bits, group_size=group_size, sym=sym, act_order=act_order, block_size=32, observer=observer,
+                      shrink=shrink)
     res = G.gptq(W, H, scheme)
-    ref = naive_gptq(W, H, bits, group_size, sym, act_order, observer=observer)
+    ref = naive_gptq(W, H, bits, group_size, sym, act_order, observer=observer, shrink=shrink)
     assert torch.equal(res.codes.double(), ref)
     # the dequantized weight is the stored grid applied to the codes
     assert torch.allclose(res.weight, G.dequantize(res.codes, res.scale, res.zero, res.g_idx).double())
@@ -143,6 +147,21 @@ def test_gptq_reuses_a_given_static_grid_only_where_it_is_the_same(observer):
         assert torch.equal(given.codes, plain.codes) and torch.equal(given.scale, plain.scale)
         if not dead:
             assert torch.equal(plain.scale, r.scale)  # what makes the reuse exact
+
+
+@pytest.mark.parametrize("act_order,observer", [(None, "minmax"), ("weight", "mse"), (None, "mse")])  # natural groups
+def test_full_hessian_shrinkage_leaves_rtn(act_order, observer):
+    """shrink = 1 leaves a diagonal Hessian: no error is propagated, every column rounds on its own."""
+    W, H = _problem(dead=())
+    scheme = G.Scheme(bits=3, group_size=16, act_order=act_order, observer=observer)
+    full = G.gptq(W, H, G.Scheme(**{**scheme.__dict__, "shrink": 1.0}))
+    assert torch.equal(full.codes, G.rtn(W, scheme).codes)
+    assert not torch.equal(G.gptq(W, H, scheme).codes, full.codes)
+    # the objective trades off: no shrinkage fits the calibration Hessian best
+    errs = [G.gptq(W, H, G.Scheme(**{**scheme.__dict__, "shrink": a})).error for a in (0.0, 0.4, 1.0)]
+    assert errs[0] < errs[2] and errs[1] < errs[2]
+    with pytest.raises(ValueError, match="shrink"):
+        G.Scheme(shrink=1.5)
 
 
 def test_act_order_group_g_idx_follows_processing_order():
@@ -413,6 +432,10 @@ def test_observer_is_optional_in_recipes_and_validated():
     assert step_from_dict({"op": "quantize"}).to_dict()["observer"] == "minmax"  # older recipes replay unchanged
     assert step_from_dict({"op": "quantize", "observer": "mse"}).scheme().observer == "mse"
     assert step_from_dict({"op": "quantize"}).to_dict()["true_sequential"] is False
+    assert step_from_dict({"op": "quantize"}).to_dict()["hessian_shrink"] == 0.0
+    assert step_from_dict({"op": "quantize", "hessian_shrink": 0.4}).scheme().shrink == 0.4
+    with pytest.raises(RecipeError, match="hessian_shrink"):
+        step_from_dict({"op": "quantize", "hessian_shrink": 2})
     with pytest.raises(RecipeError, match="true_sequential"):
         step_from_dict({"op": "quantize", "true_sequential": "yes"})
     with pytest.raises(RecipeError, match="observer"):
