@@ -187,6 +187,11 @@ def test_quantize_from_the_panel_tags_blocks(store, sid):
     assert v.block_state(0).startswith("quantized") and v.kept() == [0, 1, 2, 3]
     bar = blocks.chart_figure(store, sid, "bi")["data"][0]
     assert bar["marker"]["color"][0] == blocks.COLOURS["quantized"]
+    store.toggle(sid, 1)  # the mode's proposed GPTQ settings reach the recorded step
+    blocks.apply(store, sid, "quantize", 8, 40, "gptq", 4, 32, blocks.DEFAULT_OBSERVER, blocks.DEFAULT_SHRINK,
+                 progress=_no_progress)
+    step = store.current(sid).steps[-1]
+    assert (step["observer"], step["hessian_shrink"], step["blocks"]) == ("mse", 0.4, [1])
 
 
 def test_cancel_from_the_panel_leaves_the_variant(store, sid):
