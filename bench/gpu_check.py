@@ -156,14 +156,17 @@ def main():
     return 1 if failed else 0
 
 
-@section("quantize (GPTQ 4-bit g32 and RTN) on CUDA agrees with CPU")
+@section("quantize (GPTQ 4-bit g32, also with mse scales + Hessian shrink + true sequential, and RTN) on CUDA agrees with CPU")
 def quantize_check():
     from workbench.engine.data import Calibration
 
     cpu, gpu = pair("llama")
     out = {}
-    for method in ("rtn", "gptq"):
-        step = step_from_dict({"op": "quantize", "method": method, "bits": 4, "group_size": 32, "sym": False,
+    variants = {"rtn": {"method": "rtn"}, "gptq": {"method": "gptq"},
+                "gptq_mse_shrink_trueseq": {"method": "gptq", "observer": "mse", "hessian_shrink": 0.4,
+                                            "true_sequential": True}}
+    for method, opts in variants.items():
+        step = step_from_dict({"op": "quantize", **opts, "bits": 4, "group_size": 32, "sym": False,
                                "blocks": [0, 1, 2, 3]})
         ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
         logits = []
