@@ -260,6 +260,9 @@ def build(ctx) -> dict:
         return [gr.update(visible=m == "fuse")] * 2 + [gr.update(visible=m == "quantize")] * 5
 
     mode.change(on_mode, mode, [rank, fsteps, method, bits, group, observer, shrink], show_progress="hidden")
+    # min-max scales measured better for RTN on the default model, mse for GPTQ (README, Quantization)
+    method.change(lambda m: gr.update(value="minmax" if m == "rtn" else DEFAULT_OBSERVER), method, observer,
+                  show_progress="hidden")
     mode.change(g(lambda s, m: preview_text(store, s, m)), [sid, mode], preview, show_progress="hidden")
     chart.click(g(_click_handler(store)),
                 [sid, metric], [chart, selection], show_progress="hidden").then(
