@@ -19,34 +19,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from workbench.engine.analysis.influence import SCAN_SAMPLES, SCAN_SEQ_LEN, removal_plan
 from workbench.engine.data import Calibration, calibration_ids, evaluation_ids
-from workbench.engine.eval import full_eval
+from workbench.engine.eval import full_eval, perplexity
 from workbench.engine.loading import load_model
 from workbench.engine.ops.fuse import FuseBlocks
 from workbench.engine.recipe import OpContext
 from workbench.engine.workspace import original_variant, view_model
 
 
-@torch.no_grad()
 def heldout_ppl(lm, variant, seq_len: int, max_tokens: int, batch_size: int = 4) -> float:
     """Perplexity of the variant on the evaluation split: full_eval's tokens and NLL, variant only."""
     ids = evaluation_ids(lm.tokenizer, seq_len=seq_len, max_tokens=max_tokens)
-    model = view_model(lm.model, lm.adapter, variant)
-    nll, n = 0.0, 0
-    for b0 in range(0, ids.shape[0], batch_size):
-        batch = ids[b0 : b0 + batch_size].to(lm.device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
-        n += batch[:, 1:].numel()
-    return math.exp(nll / n)
+    return perplexity(view_model(lm.model, lm.adapter, variant), ids, batch_size, lm.device)[0]
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -36,10 +35,9 @@ from workbench.engine import data
 from workbench.engine import eval as ev
 from workbench.engine.data import Calibration
 from workbench.engine.loading import cache_dir, load_model
-from workbench.engine.ops.gptq import Scheme
 from workbench.engine.ops.quantize import quantize_blocks
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
-from workbench.engine.workspace import original_variant
+from workbench.engine.workspace import original_variant, view_model
 
 LLMC_VERSION = "0.14.0.1"
 EVAL_SEQ_LEN = 256
@@ -61,24 +59,12 @@ def evaluate(lm, variant, max_tokens):
     return r
 
 
-@torch.no_grad()
 def ppl_only(lm, variant, max_tokens):
     """The variant's held-out perplexity alone (the `ppl` of full_eval, on the same tokens, without the
     side-by-side reference pass): for ablation rows."""
-    import torch.nn.functional as F
-
-    from workbench.engine.workspace import view_model
-
     ids = data.evaluation_ids(lm.tokenizer, data.DEFAULT_SOURCE, EVAL_SEQ_LEN, max_tokens)
-    model = view_model(lm.model, lm.adapter, variant)
-    nll, n = 0.0, 0
-    for b0 in range(0, ids.shape[0], 4):
-        batch = ids[b0 : b0 + 4].to(lm.device)
-        logp = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
-        nll += -logp.gather(-1, batch[:, 1:, None]).sum().item()
-        n += batch[:, 1:].numel()
-    return {"ppl": math.exp(nll / n), "kl": float("nan"), "top1": float("nan"), "bytes": ev.size_of(lm, variant)["bytes"],
-            "tokens": n}
+    ppl, n = ev.perplexity(view_model(lm.model, lm.adapter, variant), ids, device=lm.device)
+    return {"ppl": ppl, "kl": float("nan"), "top1": float("nan"), "bytes": ev.size_of(lm, variant)["bytes"], "tokens": n}
 
 
 def row(name, r, dense_ppl, report=None, seconds=None):

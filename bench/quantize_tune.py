@@ -12,29 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 
 from workbench.engine.data import Calibration, calibration_ids
+from workbench.engine.eval import perplexity
 from workbench.engine.loading import load_model
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
 from workbench.engine.workspace import original_variant, view_model
 
 VALIDATION = Calibration(samples=16, seq_len=256, seed=1000)  # 4,096 tokens of the calibration split
-
-
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, batch: int = 4) -> float:
-    nll, n = 0.0, 0
-    for b0 in range(0, ids.shape[0], batch):
-        x = ids[b0 : b0 + batch]
-        logp = F.log_softmax(model(input_ids=x, use_cache=False).logits[:, :-1].float(), dim=-1)
-        nll -= logp.gather(-1, x[:, 1:, None]).sum().item()
-        n += x[:, 1:].numel()
-    return math.exp(nll / n)
 
 
 def main() -> None:
@@ -50,7 +37,7 @@ def main() -> None:
     calib = Calibration()
     print(f"validation: {val.numel()} tokens of the calibration split ({VALIDATION.to_dict()}); calibration "
           f"{calib.to_dict()}; GPTQ {args.bits}-bit g{args.group_size} asymmetric, observer {args.observer}")
-    dense = perplexity(lm.model, val)
+    dense = perplexity(lm.model, val)[0]
     print(f"dense validation ppl {dense:.3f}", flush=True)
     rows = []
     for a in [float(x) for x in args.shrinks.split(",")]:
@@ -58,7 +45,7 @@ def main() -> None:
         step = {"op": "quantize", "method": "gptq", "bits": args.bits, "group_size": args.group_size, "sym": False,
                 "observer": args.observer, "hessian_shrink": a}
         v = apply_steps(ctx, original_variant(lm.num_blocks), [step_from_dict(step)])
-        p = perplexity(view_model(lm.model, lm.adapter, v), val)
+        p = perplexity(view_model(lm.model, lm.adapter, v), val)[0]
         rows.append({"hessian_shrink": a, "validation_ppl": p})
         print(f"hessian_shrink {a:4.2f}: validation ppl {p:.3f}", flush=True)
     best = min(rows, key=lambda r: r["validation_ppl"])

@@ -154,6 +154,19 @@ def _summarise(s: dict) -> dict:
 
 
 @torch.no_grad()
+def perplexity(model, ids: torch.Tensor, batch_size: int = 4, device=None) -> tuple[float, int]:
+    """Perplexity of `model` alone on the token windows `ids` (B, T), batch by batch, and the number of
+    tokens scored: full_eval's NLL without the side-by-side original (for benchmarks' extra rows)."""
+    nll, n = 0.0, 0
+    for b0 in range(0, ids.shape[0], batch_size):
+        batch = ids[b0 : b0 + batch_size].to(device if device is not None else ids.device)
+        logp = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
+        nll -= logp.gather(-1, batch[:, 1:, None]).sum().item()
+        n += batch[:, 1:].numel()
+    return math.exp(nll / max(n, 1)), n
+
+
+@torch.no_grad()
 def full_eval(
     lm: LoadedModel,
     variant: Variant,

@@ -244,3 +244,23 @@ def test_slice_call_cuts_only_per_sample_tensors():
     assert part.kwargs["position_ids"] is pos and part.kwargs["cache_position"] is cache_pos
     assert part.kwargs["position_embeddings"][0].shape == (1, 6, 8)
     assert slice_call(call, slice(None), 4) is call
+
+
+def test_variant_only_perplexity_equals_full_eval_and_a_hand_sum(tiny_lm, tmp_path):
+    from workbench.engine.data import evaluation_ids
+
+    lm = tiny_lm("llama", layers=3)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Note {i}. " + "the quick brown fox jumps over the lazy dog. " * 5 for i in range(40)))
+    v = original_variant(3).with_dropped([1])
+    full = ev.full_eval(lm, v, source=str(text), seq_len=32, max_tokens=200)
+    ids = evaluation_ids(lm.tokenizer, str(text), 32, 200)
+    model = view_model(lm.model, lm.adapter, v)
+    ppl, n = ev.perplexity(model, ids, batch_size=3)
+    assert n == full["tokens"] and abs(ppl - full["ppl"]) / full["ppl"] < 1e-5
+    with torch.no_grad():  # by hand: one window at a time, probabilities through softmax
+        nll = 0.0
+        for row in ids:
+            p = torch.softmax(model(input_ids=row[None]).logits[0, :-1].double(), -1)
+            nll -= p[torch.arange(len(row) - 1), row[1:]].log().sum().item()
+    assert abs(ppl - float(torch.exp(torch.tensor(nll / n)))) / ppl < 1e-5
