@@ -3,8 +3,9 @@
 Fewer blocks, `num_hidden_layers` and per-layer config lists updated, attention `layer_idx` renumbered
 (so generation with a KV cache works), tokenizer included, plus `recipe.json`, a model card saying how
 to load the folder with the measured metrics, and `workbench_metrics.json` with the bytes on disk of
-every file. Written to a temporary folder beside the target and renamed into place with the modes of
-the user's umask; an existing target is never overwritten unless asked.
+every file. Written through `safe_folder.atomic_folder`: a temporary folder beside the target renamed
+into place, with the modes of the user's umask; only an earlier export of ours is ever replaced, and
+only when asked.
 
 The default format follows the variant: one with quantized blocks exports as compressed-tensors (the
 packed codes), any other as dense safetensors in the weights' own dtype (`export_files`).
@@ -12,16 +13,13 @@ packed codes), any other as dense safetensors in the weights' own dtype (`export
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import ExportError
-from .export_files import DEFAULT_SHARD_BYTES, files_bytes, set_modes, write_dense_weights
+from .export_files import DEFAULT_SHARD_BYTES, files_bytes, write_dense_weights
 from .loading import LoadedModel
+from .safe_folder import atomic_folder, environment_failure
 from .workspace import Variant, view_model
 
 FORMATS = ("dense", "compressed-tensors", "gguf")
@@ -97,36 +95,10 @@ def _card(lm: LoadedModel, variant: Variant, recipe: dict, metrics: dict | None,
     return "\n".join(lines) + "\n"
 
 
-@contextlib.contextmanager
-def atomic_folder(out_dir: str | Path, overwrite: bool = False, progress=None):
-    """Yield a temporary folder beside `out_dir`; on success it is renamed into place (an existing target
-    only with `overwrite`, kept until the new one is there); on any failure it is removed."""
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists; choose another folder or ask to overwrite")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
-    except OSError as e:
-        raise ExportError(f"cannot write into {parent}: {e}") from e
-    try:
-        yield tmp
-        set_modes(tmp)  # mkdtemp made it 0700: give it the modes of the user's umask
-        if progress:
-            progress(0.9, "moving into place")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def model_sources(lm: LoadedModel) -> tuple[str, ...]:
+    """What an export target must neither contain nor lie inside: the model's folder and its spec
+    (a GGUF file, a local folder); names that are not paths are ignored by the check."""
+    return (lm.source, lm.spec)
 
 
 def save_model_files(model, tokenizer, folder: Path, after_weights=None) -> None:
@@ -137,6 +109,8 @@ def save_model_files(model, tokenizer, folder: Path, after_weights=None) -> None
             after_weights(folder)
         tokenizer.save_pretrained(folder)
     except OSError as e:
+        if environment_failure(e, "") is not None:
+            raise  # the atomic writer names the target and cleans up
         raise ExportError(f"could not write the export: {e}") from e
 
 
@@ -170,7 +144,7 @@ def export_variant(
 ) -> Path:
     """Write the variant to `out_dir` atomically as dense safetensors in the weights' own dtype, streamed
     shard by shard (see `export_files`). Returns the folder."""
-    with atomic_folder(out_dir, overwrite, progress) as tmp:
+    with atomic_folder(out_dir, overwrite, progress, protect=model_sources(lm)) as tmp:
         if progress:
             progress(0.1, "writing weights")
         try:
@@ -178,6 +152,8 @@ def export_variant(
                                         max_shard_bytes or DEFAULT_SHARD_BYTES)
             lm.tokenizer.save_pretrained(tmp)
         except OSError as e:
+            if environment_failure(e, "") is not None:
+                raise  # the atomic writer names the target and cleans up
             raise ExportError(f"could not write the export: {e}") from e
         weights = {n: (tmp / n).stat().st_size for n in names}
         card = _card(lm, variant, recipe, metrics, (notes or []) + step_card_notes(variant), "dense", weights)

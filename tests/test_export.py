@@ -151,6 +151,7 @@ def test_metrics_list_bytes_on_disk_per_file(tiny_lm, tmp_path):
     doc = json.loads((out / "workbench_metrics.json").read_text())
     on_disk = {str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file()}
     on_disk.pop("workbench_metrics.json")
+    on_disk.pop(".workbench-export")  # the atomic writer's marker, written last
     assert doc["files_bytes"] == on_disk and doc["bytes_on_disk"] == sum(on_disk.values())
     assert doc["quick_kl"] == 0.1 and doc["format"] == "dense"
     card = (out / "README.md").read_text()
