@@ -166,6 +166,9 @@ def test_default_format_follows_the_variant_kind(tiny_lm, tmp_path):
     out, fmt = export_any(lm, q, tmp_path / "q", {})
     assert fmt == "compressed-tensors"
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    lm2 = _tok_lm("llama")
+    g = _steps(lm2, original_variant(4), [{"op": "quantize", "method": "rtn", "gguf": "Q4_1", "blocks": [1]}])
+    assert default_format(lm2, g) == "gguf"  # codes solved for a GGUF format go into a GGUF file
     with pytest.raises(ExportError, match="unknown export format"):
         export_any(lm, q, tmp_path / "x", {}, fmt="onnx")
 
@@ -204,6 +207,24 @@ def test_cli_compress_default_format_and_flag_errors(tiny_lm, tmp_path, monkeypa
                      "--gguf-type", "Q4_0"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --gguf-type applies to --format gguf only") and "Traceback" not in err
+
+
+def test_cli_compress_gguf(tmp_path, monkeypatch, capsys):
+    import gguf
+
+    from workbench import cli
+
+    lm = _tok_lm("qwen2")
+    monkeypatch.setattr("workbench.engine.loading.load_model", lambda *a, **k: lm)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"steps": [{"op": "prune_blocks", "blocks": [2]}]}))
+    assert cli.main(["compress", "--recipe", str(recipe), "--out", str(tmp_path / "g"), "--gguf-type", "q8_0",
+                     "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["result"]["format"] == "gguf"
+    r = gguf.GGUFReader(str(tmp_path / "g" / "model.gguf"))
+    assert {t.name: t.tensor_type for t in r.tensors}["blk.1.attn_v.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert "blk.3.attn_v.weight" not in {t.name for t in r.tensors}
 
 
 # ---- GGUF ---------------------------------------------------------------------------------------------
@@ -416,3 +437,17 @@ def test_gguf_refuses_what_it_cannot_write(tiny_lm, tmp_path):
     with pytest.raises(ExportError, match="not one of"):
         export_gguf(_tok_lm("llama"), original_variant(4), tmp_path / "z", {}, tensor_type="Q2_K")
     assert not (tmp_path / "y").exists()
+
+
+def test_quantize_step_gguf_field_validates_and_old_recipes_read_the_same():
+    from workbench.engine.errors import RecipeError
+    from workbench.engine.recipe import step_from_dict
+
+    s = step_from_dict({"op": "quantize", "gguf": "Q5_1", "bits": 8, "group_size": 128})
+    assert (s.bits, s.group_size, s.sym) == (5, 32, False)  # the GGUF format decides
+    with pytest.raises(RecipeError, match="'gguf' must be one of"):
+        step_from_dict({"op": "quantize", "gguf": "Q2_K"})
+    with pytest.raises(RecipeError, match="no g_idx"):
+        step_from_dict({"op": "quantize", "gguf": "Q4_0", "act_order": "group"})
+    with pytest.raises(RecipeError, match="'bits' must be"):
+        step_from_dict({"op": "quantize", "bits": 5})  # 5 bits only as a GGUF format
