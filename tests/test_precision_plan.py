@@ -149,3 +149,45 @@ def test_cli_dtype_flag_and_info_report_both_dtypes(bf16_folder, capsys):
     assert res["checkpoint_dtype"] == "bfloat16"
     with pytest.raises(SystemExit):
         main(["info", "--dtype", "int3"])  # argparse refuses: exit 2 with its one usage line
+
+
+# ---- memory bounded in the vocabulary: chunked log-softmax / KL / perplexity ---------------------------
+def _naive(model, vmodel, ids):
+    """KL, top-1, NLL of the variant and NLL of the original, from whole logits in float64."""
+    ref = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].double(), -1)
+    var = torch.log_softmax(vmodel(input_ids=ids, use_cache=False).logits[:, :-1].double(), -1)
+    t = ids[:, 1:, None]
+    return {"kl": (ref.exp() * (ref - var)).sum(-1).mean().item(),
+            "top1": (ref.argmax(-1) == var.argmax(-1)).double().mean().item(),
+            "nll": -var.gather(-1, t).mean().item(), "ref_nll": -ref.gather(-1, t).mean().item()}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "opt"])
+def test_chunked_eval_equals_whole_logits(family, tiny_lm, monkeypatch, tmp_path):
+    import math
+
+    from workbench.engine.workspace import view_model
+
+    lm = tiny_lm(family, layers=3)
+    monkeypatch.setattr(ev, "LOGIT_CHUNK_BYTES", 4 * 256 * 7)  # 7 tokens a chunk: many uneven chunks
+    assert ev.chunk_tokens(256) == 7
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: " + "some words here and there " * 12 for i in range(12)))
+    v = original_variant(3).with_dropped([1])
+    full = ev.full_eval(lm, v, source=str(text), seq_len=32, max_tokens=32 * 5, batch_size=2)
+    from workbench.engine import data
+
+    ids = data.evaluation_ids(lm.tokenizer, str(text), 32, 32 * 5)
+    ref = _naive(lm.model, view_model(lm.model, lm.adapter, v), ids)
+    assert full["kl"] == pytest.approx(ref["kl"], rel=1e-4, abs=1e-6)
+    assert full["top1"] == pytest.approx(ref["top1"], abs=1e-9)
+    assert math.log(full["ppl"]) == pytest.approx(ref["nll"], rel=1e-5)
+    assert math.log(full["ppl_original"]) == pytest.approx(ref["ref_nll"], rel=1e-5)
+    ppl, n = ev.perplexity(view_model(lm.model, lm.adapter, v), ids, batch_size=3)
+    assert n == ids[:, 1:].numel() and math.log(ppl) == pytest.approx(ref["nll"], rel=1e-5)
+    q = ev.quick_eval(lm, v)
+    qc = ev.quick_cache(lm)
+    rq = _naive(lm.model, view_model(lm.model, lm.adapter, v), qc.ids)
+    assert q["kl"] == pytest.approx(rq["kl"], rel=2e-2, abs=1e-4)  # the reference is cached in fp16
+    assert q["top1"] == pytest.approx(rq["top1"], abs=1e-9)
+    assert qc.ref_nll == pytest.approx(rq["ref_nll"], rel=1e-5)
