@@ -196,3 +196,30 @@ def export_any(lm: LoadedModel, variant: Variant, out_dir: str | Path, recipe: d
     from .export_gguf import export_gguf
 
     return export_gguf(lm, variant, out_dir, recipe, tensor_type=gguf_type, **kw), fmt
+
+
+def estimate_sizes(lm: LoadedModel, variant: Variant, gguf_type: str | None = None) -> list[dict]:
+    """Before writing: per format, the bytes its weight file(s) will hold (tensor data; headers, the
+    tokenizer and the side files come on top) and what loads it, or why it cannot be written.
+    -> [{"format", "bytes" (None when refused), "loads", "note"}]."""
+    from .export_ct import check_exportable as ct_check
+    from .export_ct import estimate_ct_bytes
+    from .export_files import dense_weight_bytes
+    from .export_gguf import default_tensor_type, estimate_gguf_bytes
+
+    out = [{"format": "dense", "bytes": dense_weight_bytes(view_model(lm.model, lm.adapter, variant)),
+            "loads": LOADERS["dense"], "note": ""}]
+    try:
+        ct_check(lm, variant)
+        out.append({"format": "compressed-tensors", "bytes": estimate_ct_bytes(lm, variant),
+                    "loads": LOADERS["compressed-tensors"], "note": ""})
+    except ExportError as e:
+        out.append({"format": "compressed-tensors", "bytes": None, "loads": LOADERS["compressed-tensors"],
+                    "note": str(e)})
+    try:
+        typ = gguf_type or default_tensor_type(lm, variant)
+        out.append({"format": "gguf", "bytes": estimate_gguf_bytes(lm, variant, gguf_type),
+                    "loads": LOADERS["gguf"], "note": f"tensor type {typ}"})
+    except ExportError as e:
+        out.append({"format": "gguf", "bytes": None, "loads": LOADERS["gguf"], "note": str(e)})
+    return out

@@ -451,3 +451,57 @@ def test_quantize_step_gguf_field_validates_and_old_recipes_read_the_same():
         step_from_dict({"op": "quantize", "gguf": "Q4_0", "act_order": "group"})
     with pytest.raises(RecipeError, match="'bits' must be"):
         step_from_dict({"op": "quantize", "bits": 5})  # 5 bits only as a GGUF format
+
+
+# ---- sizes before writing, and the Export panel -----------------------------------------------------
+def _payload(folder):
+    from safetensors import safe_open
+
+    n = 0
+    for p in folder.glob("*.safetensors"):
+        with safe_open(str(p), "pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                n += t.numel() * t.element_size()
+    return n
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (3, False), (8, False)])
+def test_sizes_shown_before_writing_equal_the_bytes_written(bits, sym, tmp_path):
+    from workbench.engine.export import estimate_sizes
+
+    lm = _tok_lm("llama")
+    v = _steps(lm, original_variant(4).with_dropped([1]), [{"op": "quantize", "method": "rtn", "bits": bits,
+                                                           "group_size": 32, "sym": sym, "blocks": [0, 3]}])
+    est = {r["format"]: r["bytes"] for r in estimate_sizes(lm, v, "Q4_0")}
+    for fmt in ("dense", "compressed-tensors", "gguf"):
+        out, _ = export_any(lm, v, tmp_path / fmt, {}, fmt=fmt, gguf_type="Q4_0" if fmt == "gguf" else None)
+        if fmt == "gguf":
+            size = (out / "model.gguf").stat().st_size
+            assert est[fmt] < size < est[fmt] + 64 * 1024  # header and vocabulary on top
+        else:
+            assert _payload(out) == est[fmt], fmt  # the tensor data exactly; headers aside
+            files = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+            assert est[fmt] < files < est[fmt] + 64 * 1024
+
+
+def test_export_panel_shows_sizes_and_writes_the_chosen_format(tmp_path):
+    from workbench.panels import export as panel
+    from workbench.store import Store
+
+    store = Store(default_model="tiny-bpe", device="cpu")
+    store.register_model(_tok_lm("llama"), "tiny-bpe")
+    sid = store.new_session()
+    store.attach(sid)
+    store.set_calibration(sid, 4, 32)
+    store.apply_step(sid, {"op": "quantize", "method": "rtn", "bits": 4, "group_size": 32, "sym": True, "blocks": [0]})
+    table = panel.sizes(store, sid, "Q8_0")
+    assert "Default for this variant: **compressed-tensors**" in table
+    assert all(f"| {f} |" in table for f in ("dense", "compressed-tensors", "gguf")) and "llama.cpp" in table
+    assert "{" not in table  # plain words, not JSON
+    msg = panel.export(store, sid, str(tmp_path / "g"), False, "gguf", "Q8_0", progress=lambda *a, **k: None)
+    assert "as **gguf**" in msg and "llama-cli" in msg and (tmp_path / "g" / "model.gguf").is_file()
+    msg = panel.export(store, sid, str(tmp_path / "d"), False, panel.DEFAULT, "default", progress=lambda *a, **k: None)
+    assert "as **compressed-tensors**" in msg
+    with pytest.raises(ExportError, match="gguf format only"):
+        panel.export(store, sid, str(tmp_path / "x"), False, "dense", "Q4_0", progress=lambda *a, **k: None)
