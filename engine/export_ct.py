@@ -166,6 +166,7 @@ def export_compressed(
     overwrite: bool = False,
     notes: list[str] | None = None,
     progress=None,
+    extra_files: dict | None = None,
 ) -> Path:
     """Write the variant as a compressed-tensors (pack-quantized) checkpoint into `out_dir`, atomically."""
     check_exportable(lm, variant)
@@ -202,7 +203,7 @@ def export_compressed(
         ]
         weights = {p.name: p.stat().st_size for p in sorted(tmp.glob("*.safetensors"))}
         card = _card(lm, variant, recipe, metrics, card_notes, "compressed-tensors", weights)
-        write_side_files(tmp, recipe, card, metrics, "compressed-tensors")
+        write_side_files(tmp, recipe, card, metrics, "compressed-tensors", extra_files)
     return Path(out_dir).expanduser().resolve()
 
 
