@@ -13,7 +13,7 @@ Reloads: dense and compressed-tensors through `from_pretrained`, GGUF through tr
 (dequantizes to float32); with llama-cpp-python built in the cached venv (tests/test_export.py:
 LLAMACPP_VENV), also llama.cpp's greedy top-1 agreement with the in-app variant on the quick set.
 
-    python bench/export.py [--max-tokens 8192] [--skip-fuse] [--skip-llamacpp]
+    python bench/export.py [--max-tokens 8192] [--skip-fuse] [--skip-llamacpp] [--only dense,pruned,fused,GPTQ]
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--skip-fuse", action="store_true")
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--only", default=None, help="comma list of variant labels' first words (dense,pruned,fused,GPTQ)")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"bench/export.py  ({load_avg()} at start; the machine is shared, times are indicative)")
@@ -96,6 +97,9 @@ def main() -> None:
                                             "seq_len": 128}]))
     variants.append(("GPTQ Q4_0 g32 sym", None, [{"op": "quantize", "method": "gptq", "gguf": "Q4_0",
                                                   "act_order": "weight"}]))
+    if args.only:
+        keep = {w.strip().lower() for w in args.only.split(",")}
+        variants = [x for x in variants if x[0].split()[0].lower() in keep]
     formats = {"dense": [("dense", None), ("gguf", "F16"), ("gguf", "Q4_0")],
                "pruned 25%": [("dense", None), ("gguf", "F16"), ("gguf", "Q4_0")],
                "fused 2": [("dense", None), ("gguf", "F16")],
