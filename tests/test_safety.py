@@ -290,3 +290,117 @@ def test_cli_out_cwd_or_model_folder_never_replaced(tiny_lm, tmp_path, monkeypat
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and words in err[-1], err
     assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("xdg")} == before
+
+
+# ---- every bad input: one `error:` line, exit 2, before any long work ---------------------------------
+BAD_ARGS = [
+    (["info", "--device", "tpu:7"], "unknown device 'tpu:7'"),
+    (["info", "--device", "cuda:-1"], "unknown device 'cuda:-1'"),
+    (["info", "--model", ""], "the model is empty"),
+    (["info", "--model", "   "], "the model is empty"),
+    (["eval", "--max-tokens", "0"], "at least 1"),
+    (["eval", "--max-tokens", "-1"], "at least 1"),
+    (["eval", "--samples", "0"], "at least 1"),
+    (["eval", "--seq-len", "x"], "not a whole number"),
+    (["eval", "--seed", "-2"], "0 or more"),
+    (["analyze", "outliers", "--top-k", "-3"], "at least 1"),
+    (["analyze", "sparsity", "--blocks", "9,x"], "'x' is not a block index"),
+    (["analyze", "sparsity", "--blocks", "-1"], "'-1' is not a block index"),
+    (["analyze", "sparsity", "--sensitivity", "1.5"], "between 0 and 1"),
+    (["analyze", "sparsity", "--sensitivity", "nan"], "not a finite number"),
+    (["analyze", "sparsity", "--max-sparsity", "-0.1"], "between 0 and 1"),
+    (["analyze", "sparsity", "--methods", "magnitude,obs"], "unknown 'obs'"),
+    (["analyze", "sparsity", "--patterns", "3:3"], "unknown '3:3'"),
+    (["analyze", "sparsity", "--points", "0"], "at least 1"),
+    (["analyze", "sparsity", "--eval-tokens", "-5"], "at least 1"),
+    (["analyze", "attention", "--damping", "2"], "between 0 and 1"),
+    (["analyze", "attention", "--tol", "0"], "greater than 0"),
+    (["analyze", "attribution", "--steps", "0"], "at least 1"),
+    (["analyze", "influence", "--iterative", "0"], "at least 1"),
+    (["analyze", "influence", "--metric", "magic"], "invalid choice"),
+    (["compress", "--recipe", "r.json"], "required: --out"),
+    (["compress", "--out", "o", "--format", "zip"], "invalid choice"),
+    (["app", "--port", "70000"], "1..65535"),
+    (["app", "--device", "tpu"], "unknown device"),
+    (["frobnicate"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("args, words", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_arguments_fail_at_parse_time(args, words, capsys, monkeypatch):
+    from workbench import cli
+    from workbench.engine import loading
+
+    def never(*a, **k):
+        raise AssertionError("a bad argument reached the model load")
+
+    monkeypatch.setattr(loading, "load_model", never)
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and words in err, err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def _recipe_files(tmp_path: Path) -> dict:
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"steps": ' + "[" * 100000 + "]" * 100000 + "}")
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(bytes(range(256)) * 4)
+    nul = tmp_path / "nul.json"
+    nul.write_text('{"steps": []}\x00')
+    big = tmp_path / "big.json"
+    big.write_text('{"steps": [], "model": "' + "x" * (5 * 2**20) + '"}')
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"model": "caf\xe9"}')
+    shallow = tmp_path / "ok17.json"  # brackets inside strings do not count as nesting
+    shallow.write_text(json.dumps({"steps": [], "model": "[[[[[[[[[[[[[[[[[[[[{{{{"}))
+    return {"deep": (deep, "nests 100001 levels"), "binary": (binary, "not a text file"),
+            "nul": (nul, "NUL bytes"), "big": (big, "at most 4 MiB"), "latin": (latin, "not a text file"),
+            "shallow": (shallow, None), "folder": (tmp_path, "no such recipe file")}
+
+
+@pytest.mark.parametrize("kind", ["deep", "binary", "nul", "big", "latin", "shallow", "folder"])
+def test_bad_recipe_files_are_one_line(kind, tmp_path, capsys, monkeypatch):
+    from workbench import cli
+    from workbench.engine import loading
+    from workbench.engine.errors import RecipeError
+    from workbench.engine.recipe import Recipe
+
+    path, words = _recipe_files(tmp_path)[kind]
+    if words is None:
+        assert Recipe.from_file(path).steps == []
+        return
+    with pytest.raises(RecipeError, match=words):
+        Recipe.from_file(path)
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded a model for a bad recipe"))
+    assert cli.main(["eval", "--recipe", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.strip().count("\n") == 0
+
+
+def test_json_depth_against_the_parser():
+    """json_depth agrees with a recursive walk of what json.loads builds."""
+    from workbench.engine.recipe import json_depth
+
+    def walk(x):
+        if isinstance(x, dict):
+            return 1 + max(map(walk, x.values()), default=0)
+        if isinstance(x, list):
+            return 1 + max(map(walk, x), default=0)
+        return 0
+
+    for text in ['1', '[]', '{"a": [1, {"b": "]]]\\\\"}]}', '[[[]], [[[[]]]]]', '{"s": "\\"{["}', '[{}, [{}]]']:
+        assert json_depth(text) == walk(json.loads(text)), text
+
+
+def test_sparsity_blocks_out_of_range_refused_before_the_sweep(tiny_lm, monkeypatch, capsys):
+    from workbench import cli
+    from workbench.engine import loading
+    from workbench.engine.analysis import sparsity
+
+    lm = tiny_lm("llama")
+    monkeypatch.setattr(loading, "load_model", lambda spec, **kw: lm)
+    monkeypatch.setattr(sparsity, "sweep", lambda *a, **k: pytest.fail("the sweep ran"))
+    assert cli.main(["analyze", "sparsity", "--model", "tiny", "--blocks", "1,9"]) == 2
+    assert "block index 9 is out of range" in capsys.readouterr().err

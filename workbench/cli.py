@@ -20,6 +20,8 @@ import logging
 import sys
 import time
 
+from workbench import validate as V
+
 SCHEMA_VERSION = 1
 EXIT_USER_ERROR = 2
 EXIT_ENVIRONMENT = 3  # the machine refused (disk full, permission denied): one `error:` line, nothing half-written
@@ -39,16 +41,17 @@ def one_line(e: BaseException) -> str:
 
 
 def add_model_args(p: argparse.ArgumentParser, recipe: bool = True, calibration: bool = True) -> None:
-    p.add_argument("--model", default=None, help="default | local folder | file.gguf | hub id (default: default)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--model", type=V.model, default=None,
+                   help="default | local folder | file.gguf | hub id (default: default)")
+    p.add_argument("--device", type=V.device, default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle .bin weights (runs code!)")
     if recipe:
         p.add_argument("--recipe", default=None, help="recipe JSON: analyse/evaluate the variant it makes")
     if calibration:
         p.add_argument("--text", default=None, help="text file for calibration/evaluation (default corpus)")
-        p.add_argument("--samples", type=int, default=None, help="calibration samples")
-        p.add_argument("--seq-len", type=int, default=None, help="tokens per sample")
-        p.add_argument("--seed", type=int, default=None, help="calibration sampling seed")
+        p.add_argument("--samples", type=V.positive_int, default=None, help="calibration samples")
+        p.add_argument("--seq-len", type=V.positive_int, default=None, help="tokens per sample")
+        p.add_argument("--seed", type=V.non_negative_int, default=None, help="calibration sampling seed")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
 
@@ -165,15 +168,15 @@ def cmd_app(args) -> int:
 
 # ---- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="workbench", description="Compression Workbench")
+    parser = V.Parser(prog="workbench", description="Compression Workbench")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("app", help="launch the local web app")
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", type=V.model, default="default")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--port", type=V.port, default=7860)
+    p.add_argument("--device", type=V.device, default="auto")
     p.add_argument("--allow-pickle", action="store_true")
     p.set_defaults(func=cmd_app, returns_code=True)
 
@@ -183,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity (and KL / top-1 vs the original with a recipe)")
     add_model_args(p)
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    p.add_argument("--max-tokens", type=V.positive_int, default=None, help="evaluate at most this many tokens")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compress", help="apply a recipe and export a checkpoint")

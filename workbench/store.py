@@ -12,7 +12,6 @@ after the step returned.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import uuid
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from workbench.engine import eval as ev
 from workbench.engine.data import Calibration, calibration_ids
-from workbench.engine.errors import RecipeError, WorkbenchError
+from workbench.engine.errors import WorkbenchError
 from workbench.engine.export import export_variant
 from workbench.engine.loading import DEFAULT_MODEL, LoadedModel, load_model
 from workbench.engine.recipe import OpContext, Recipe, apply_steps, step_from_dict, variant_recipe
@@ -219,10 +218,7 @@ class Store:
 
     def import_recipe(self, sid: str, text: str, progress=_quiet, cancel=None) -> Variant:
         """Replay a recipe JSON from the original model (the recipe's calibration is adopted)."""
-        try:
-            recipe = Recipe.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise RecipeError(f"the recipe is not valid JSON: {e}") from e
+        recipe = Recipe.from_text(text)
         s = self.session(sid)
         lm = self.lm(sid)
         if recipe.model not in (s.spec, lm.spec):
