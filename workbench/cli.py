@@ -1,6 +1,7 @@
 """Headless CLI: the same engine as the app. The command names, flags and JSON shapes are a contract.
 
-    workbench [app] [--model M] [--host 127.0.0.1] [--port N]
+    workbench [app] [--model M] [--host 127.0.0.1] [--port N] [--auth-file FILE | --no-auth]
+                    [--session-idle 2h] [--memory-budget 2G]
     workbench info --model M [--json]
     workbench eval --model M [--recipe R] [--text FILE] [--seq-len N] [--max-tokens N] [--json]
     workbench compress --model M --recipe R --out DIR [--overwrite] [--format dense|compressed-tensors]
@@ -162,7 +163,9 @@ def cmd_compress(args) -> dict:
 def cmd_app(args) -> int:
     from workbench.app import launch
 
-    launch(model=args.model, host=args.host, port=args.port, device=args.device, allow_pickle=args.allow_pickle)
+    launch(model=args.model, host=args.host, port=args.port, device=args.device, allow_pickle=args.allow_pickle,
+           auth_file=args.auth_file, no_auth=args.no_auth, session_idle=args.session_idle,
+           memory_budget=args.memory_budget)
     return 0
 
 
@@ -178,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=V.port, default=7860)
     p.add_argument("--device", type=V.device, default="auto")
     p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--auth-file", default=None, metavar="FILE",
+                   help="require a login: user:password lines (Gradio's authentication); needed with a --host "
+                        "other than loopback unless --no-auth")
+    p.add_argument("--no-auth", action="store_true", help="serve a non-loopback --host without a login (anyone who "
+                                                         "can reach the machine can use the app)")
+    p.add_argument("--session-idle", type=V.duration, default=V.duration("2h"), metavar="TIME",
+                   help="forget a browser session idle this long (2h; 90m, 600s, off); a running job finishes first")
+    p.add_argument("--memory-budget", type=V.size, default=V.size("2G"), metavar="SIZE",
+                   help="memory for variants and cached results across sessions (2G; 512M, off); over it, cached "
+                        "results go first, then old variants' blocks (rebuilt from their recipe when needed)")
     p.set_defaults(func=cmd_app, returns_code=True)
 
     p = sub.add_parser("info", help="architecture, blocks, parameters, device")
@@ -212,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
-    if not argv or argv[0].startswith("--model") or argv[0] in ("--host", "--port"):
+    if not argv or argv[0].startswith("--model") or argv[0] in ("--host", "--port", "--auth-file", "--no-auth", "--session-idle", "--memory-budget"):
         argv = ["app", *argv]  # bare `workbench` launches the app
     args = parser.parse_args(argv)
     from workbench.engine.errors import WorkbenchError, WriteFailure

@@ -98,6 +98,32 @@ def non_negative_float(value: str) -> float:
     return v
 
 
+def duration(value: str) -> float | None:
+    """'2h' / '90m' / '45s' / '1.5h' / a number of seconds -> seconds; 'off' (or 0) -> None: never."""
+    v = value.strip().lower()
+    if v in ("off", "never", "none", "0"):
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)?", v)
+    if not m or float(m[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration (e.g. 2h, 90m, 600s, or off)")
+    return float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2] or "s"]
+
+
+def size(value: str) -> int | None:
+    """'2G' / '512M' / bytes -> bytes; 'off' -> None: no budget."""
+    from workbench.budget import parse_bytes
+
+    if value.strip().lower() in ("off", "none"):
+        return None
+    try:
+        n = parse_bytes(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, got {value!r}")
+    return n
+
+
 def block_list(value: str) -> tuple[int, ...]:
     """'3,5,9' -> (3, 5, 9): original 0-based block indices (checked against the model once loaded)."""
     out = []
