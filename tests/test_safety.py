@@ -646,3 +646,47 @@ def test_gradio_login_is_required_with_an_auth_file(tiny_lm):
         Client(url, auth=("ann", "pw"), verbose=False).predict(api_name="/start_session")
     finally:
         demo.close()
+
+
+def _soak_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wb_soak", ROOT / "bench" / "soak.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("budget", [2 * 2**30, 2**20], ids=["2GiB", "1MiB-forces-releases"])
+def test_short_soak_eight_sessions(budget):
+    """8 gradio_client sessions for ~10 s: no error, every export reloads and matches its recipe replayed,
+    the app answers afterwards; the store keeps to its budget (1 MiB: variants are released and rebuilt)."""
+    r = _soak_module().soak(sessions=8, seconds=10, budget=budget, hidden=64, layers=6)
+    assert r["errors"] == [], r["tracebacks"]
+    assert r["exports_checked"] >= 1 and r["actions"] >= 8 and r["answering_after"]
+    assert r["store_end"] <= max(budget, r["current_blocks"])  # current variants are never released
+    if budget < 2**30:
+        assert r["variants_released"] > 0  # releases happened, and the rebuilds behind undo raised nothing
+    if budget > 2**30:
+        assert r["rss_growth"] < budget
+
+
+def test_recipe_of_a_variant_records_the_calibration_it_was_made_with(tiny_lm, tmp_path):
+    """Undo after importing a recipe with another calibration: the export's recipe still replays it."""
+    from workbench.engine.recipe import Recipe, apply_recipe
+    from workbench.engine.workspace import view_model
+
+    st = _store(tiny_lm, memory_budget=None)
+    sid = st.new_session()
+    lm = st.attach(sid)
+    gptq = {"op": "quantize", "method": "gptq", "bits": 4, "group_size": 32, "blocks": [1]}
+    v1 = st.import_recipe(sid, json.dumps({"calibration": {"samples": 2, "seq_len": 32}, "steps": [gptq]}))
+    st.import_recipe(sid, json.dumps({"calibration": {"samples": 3, "seq_len": 40}, "steps": [gptq]}))
+    assert st.undo(sid) is v1 and st.session(sid).calibration.samples == 3
+    rec = st.recipe_of(sid)
+    assert rec["calibration"]["samples"] == 2
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    replay = apply_recipe(lm, Recipe.from_dict(rec))
+    a = view_model(lm.model, lm.adapter, replay)(input_ids=ids).logits
+    b = view_model(lm.model, lm.adapter, v1)(input_ids=ids).logits
+    assert torch.equal(a, b)

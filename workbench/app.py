@@ -257,9 +257,11 @@ def check_exposure(host: str, auth_file: str | None, no_auth: bool) -> list[tupl
 
 
 def launch(model: str | None = DEFAULT_MODEL, host: str = "127.0.0.1", port: int | None = 7860, device: str = "auto",
-           allow_pickle: bool = False, block: bool = True, auth_file: str | None = None, no_auth: bool = False,
-           session_idle: float | None = DEFAULT_IDLE, memory_budget: int | None = DEFAULT_BUDGET, **kwargs):
+           allow_pickle: bool = False, block: bool = True, load: dict | None = None, auth_file: str | None = None,
+           no_auth: bool = False, session_idle: float | None = DEFAULT_IDLE, memory_budget: int | None = DEFAULT_BUDGET,
+           **kwargs):
     """Load the model first (so the page opens ready), then serve on host:port; never a share link.
+    `load`: further load_model options (dtype, max_memory, offload_folder) for every model the app loads.
     A host other than loopback needs `auth_file` (or `no_auth`); see `check_exposure`."""
     from workbench.engine.safe_folder import install_signal_cleanup, sweep_remembered
 
@@ -269,7 +271,7 @@ def launch(model: str | None = DEFAULT_MODEL, host: str = "127.0.0.1", port: int
         print(f"removed {len(swept)} leftover temporary export folder(s)", flush=True)
     install_signal_cleanup()
     store = Store(default_model=model or DEFAULT_MODEL, device=device, allow_pickle=allow_pickle,
-                  memory_budget=memory_budget, session_idle=session_idle, notify=_notify)
+                  memory_budget=memory_budget, session_idle=session_idle, notify=_notify, **(load or {}))
     store.model(store.default_model, progress=lambda f, m: print(f"[{f * 100:5.1f}%] {m}", flush=True))
     demo = build_app(model=store.default_model, device=device, store=store)
     demo.queue(default_concurrency_limit=4)

@@ -3,8 +3,8 @@
 Counted: the tensors of every variant's replacement blocks (a storage shared by several variants, or
 with the original model, is counted once, and the original's own weights are not counted: they are
 loaded once for everyone), the tensors the store caches per session (block scores), and the analysis
-caches kept on a loaded model (`_*_cache` attributes: outlier statistics, attention captures, maps).
-Not counted: the loaded models themselves, Python objects without tensors (figures, recipes), Gradio's
+caches kept on a loaded model (`_*_cache` dicts: outlier statistics, attention captures, maps).
+Not counted: the loaded models themselves and their quick-set reference, Python objects without tensors (figures, recipes), Gradio's
 own state, and the allocator's free-but-unreturned memory (glibc keeps freed arenas; `trim()` asks it
 to give them back).
 """
@@ -74,8 +74,10 @@ def storages(obj, seen_ids: set | None = None, depth: int = 0) -> dict[int, int]
 
 
 def model_caches(model_obj) -> dict:
-    """The analysis caches kept on a loaded model: attribute name -> cache."""
-    return {k: v for k, v in vars(model_obj).items() if k.startswith("_") and k.endswith("_cache")}
+    """The analysis caches kept on a loaded model, per variant (dicts): attribute name -> cache. The quick
+    set's reference (`_quick_cache`, the original's side of every comparison, one per model) is the
+    model's, like its weights: not counted, never released."""
+    return {k: v for k, v in vars(model_obj).items() if k.startswith("_") and k.endswith("_cache") and isinstance(v, dict)}
 
 
 def trim() -> bool:

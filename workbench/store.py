@@ -75,11 +75,20 @@ DEFAULT_BUDGET = 2 * 2**30
 DEFAULT_IDLE = 2 * 3600.0
 
 
+DTYPE_SEP = "@dtype="
+
+
+def model_key(spec: str, dtype: str | None) -> str:
+    """The store's key for a checkpoint loaded in `dtype` (None / auto: the store's own choice)."""
+    return f"{spec}{DTYPE_SEP}{dtype}" if dtype and dtype != "auto" else spec
+
+
 class Store:
     """Models shared by spec; sessions by id. Thread-safe for the operations the app performs."""
 
     def __init__(self, default_model: str = DEFAULT_MODEL, device: str = "auto", allow_pickle: bool = False,
-                 memory_budget: int | None = DEFAULT_BUDGET, session_idle: float | None = DEFAULT_IDLE, notify=None):
+                 memory_budget: int | None = DEFAULT_BUDGET, session_idle: float | None = DEFAULT_IDLE, notify=None,
+                 **load):
         self.memory_budget = memory_budget
         self.session_idle = session_idle
         self.notify = notify or (lambda msg: log.info("%s", msg))
@@ -88,6 +97,7 @@ class Store:
         self.default_model = default_model
         self.device = device
         self.allow_pickle = allow_pickle
+        self.load_options = load  # further load_model options: dtype, max_memory, offload_folder
         self._models: dict[str, LoadedModel] = {}
         self._sessions: dict[str, Session] = {}
         self._model_lock = threading.Lock()
@@ -103,12 +113,18 @@ class Store:
         return spec
 
     def model(self, spec: str | None = None, progress=_quiet) -> LoadedModel:
-        spec = (spec or self.default_model).strip()
+        """The model for `spec`, loaded once. `spec@dtype` (the Model panel's precision choice, see
+        model_key) is the same checkpoint loaded in that dtype, another model."""
+        key = (spec or self.default_model).strip()
+        spec, _, dtype = key.partition(DTYPE_SEP)
         with self._model_lock:  # one load at a time; the second asker gets the cached model
-            lm = self._models.get(spec)
+            lm = self._models.get(key)
             if lm is None:
-                lm = load_model(spec, device=self.device, allow_pickle=self.allow_pickle, progress=progress)
-                self._models[spec] = lm
+                opts = dict(self.load_options)
+                if dtype and dtype != "auto":
+                    opts["dtype"] = dtype
+                lm = load_model(spec, device=self.device, allow_pickle=self.allow_pickle, progress=progress, **opts)
+                self._models[key] = lm
             return lm
 
     def loaded_specs(self) -> list[str]:
@@ -151,10 +167,10 @@ class Store:
         s.last_used = time.monotonic()
         return s
 
-    def attach(self, sid: str, spec: str | None = None, progress=_quiet) -> LoadedModel:
+    def attach(self, sid: str, spec: str | None = None, progress=_quiet, dtype: str | None = None) -> LoadedModel:
         """Load (or reuse) a model and make it the session's; a different model resets its variants."""
         s = self.session(sid)
-        spec = (spec or self.default_model).strip()
+        spec = model_key((spec or self.default_model).strip(), dtype)
         lm = self.model(spec, progress)
         if s.spec != spec or s.current is None:
             root = original_variant(lm.num_blocks)
@@ -261,8 +277,26 @@ class Store:
 
     # ---- recipes and export ---------------------------------------------------------------------
     def recipe_of(self, sid: str, variant: Variant | None = None) -> dict:
+        """The recipe that replays the variant, with the calibration its steps ran with (not the session's
+        choice of now: after an undo or a switch they differ). A recipe has one calibration; a variant whose
+        steps ran under different ones records the last (logged)."""
         s = self.session(sid)
-        return variant_recipe(self.lm(sid), variant or s.current, s.calibration)
+        v = variant or s.current
+        return variant_recipe(self.lm(sid), v, self.calibration_of(s, v))
+
+    @staticmethod
+    def calibration_of(s: Session, v: Variant) -> Calibration:
+        chain, cur = [], v
+        while cur is not None and cur.id in s.lineage:
+            base, steps, calib = s.lineage[cur.id]
+            if steps:
+                chain.append(calib)
+            cur = base
+        if not chain:
+            return s.calibration
+        if any(c != chain[0] for c in chain[1:]):
+            log.warning("variant %s was made under %d calibrations; its recipe records the last", v.name, len(set(chain)))
+        return chain[0]
 
     def import_recipe(self, sid: str, text: str, progress=_quiet, cancel=None) -> Variant:
         """Replay a recipe JSON from the original model (the recipe's calibration is adopted)."""
@@ -365,6 +399,14 @@ class Store:
         done = {"caches": 0, "variants": []}
         if self.memory_budget is None or self.memory_used()["total"] <= self.memory_budget:
             return done
+        with self._model_lock:
+            locks = [self._use_locks[k] for k in sorted(self._use_locks)]
+        with contextlib.ExitStack() as held:  # no computation runs while blocks are released
+            for lock in locks:
+                held.enter_context(lock)
+            return self._release(done)
+
+    def _release(self, done: dict) -> dict:
         with self._lock:
             for lm in list(self._models.values()):
                 for cache in B.model_caches(lm).values():
