@@ -659,9 +659,9 @@ def _soak_module():
 
 @pytest.mark.parametrize("budget", [2 * 2**30, 2**20], ids=["2GiB", "1MiB-forces-releases"])
 def test_short_soak_eight_sessions(budget):
-    """8 gradio_client sessions for ~10 s: no error, every export reloads and matches its recipe replayed,
+    """8 gradio_client sessions for ~20 s: no error, every export reloads and matches its recipe replayed,
     the app answers afterwards; the store keeps to its budget (1 MiB: variants are released and rebuilt)."""
-    r = _soak_module().soak(sessions=8, seconds=10, budget=budget, hidden=64, layers=6)
+    r = _soak_module().soak(sessions=8, seconds=20, budget=budget, hidden=64, layers=6)
     assert r["errors"] == [], r["tracebacks"]
     assert r["exports_checked"] >= 1 and r["actions"] >= 8 and r["answering_after"]
     assert r["store_end"] <= max(budget, r["current_blocks"])  # current variants are never released
