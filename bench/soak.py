@@ -182,10 +182,17 @@ def soak(sessions: int = 8, seconds: float = 20, budget: int | None = 2 * 2**30,
     store.register_model(lm, "tiny-soak")
     demo = build_app(store=store)
     demo.queue(default_concurrency_limit=4)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    for attempt in range(3):  # on a loaded machine gradio's own reachability check can time out
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+            break
+        except ValueError:
+            demo.close()
+            if attempt == 2:
+                raise
     url = f"http://127.0.0.1:{port}/"
     stats = {"actions": 0, "exports": 0, "errors": [], "tracebacks": []}
     peak = {"rss": 0, "store": 0}
