@@ -109,11 +109,20 @@ def _client_loop(url, layers, stop_at, seed, out_root, lm, stats, lock, hold):
     from gradio_client import Client
 
     rng = random.Random(seed)
-    c = Client(url, verbose=False)
-    c.predict(api_name="/start_session")
+    for attempt in range(3):  # connecting can time out on a loaded machine; a failure is recorded, not lost
+        try:
+            c = Client(url, verbose=False)
+            c.predict(api_name="/start_session")
+            break
+        except Exception as e:  # noqa: BLE001
+            if attempt == 2:
+                with lock:
+                    stats["errors"].append(f"session {seed} connect: {type(e).__name__}: {str(e)[:300]}")
+                return
+            time.sleep(2)
     k = 0
-    while time.monotonic() < stop_at:
-        first = ["recipe", "export"]  # every session exports at least once
+    while k < 6 or time.monotonic() < stop_at:
+        first = ["recipe", "export", "recipe", "undo", "export", "bad"]  # whatever the load, each session does these
         action = first[k] if k < len(first) else rng.choice(["recipe", "recipe", "generate", "export", "undo", "bad"])
         try:
             if action == "recipe":

@@ -252,10 +252,12 @@ class Store:
         if not s.undo:
             raise WorkbenchError("nothing to undo")
         prev = s.undo[-1]
-        if prev.id in s.released:
+        if prev.id in s.released:  # rebuilt and made current under the lock: the budget cannot take it between
             with self.using(sid):
                 self._materialize(s, prev)
-        s.current = s.undo.pop()
+                s.current = s.undo.pop()
+        else:
+            s.current = s.undo.pop()
         s.pending = {}
         return s.current
 
@@ -263,10 +265,10 @@ class Store:
         s = self.session(sid)
         for v in s.variants:
             if v.id == int(variant_id):
-                if v.id in s.released:
-                    with self.using(sid):
-                        self._materialize(s, v)
-                if v is not s.current:
+                if v is s.current:
+                    return v
+                with self.using(sid) if v.id in s.released else contextlib.nullcontext():
+                    self._materialize(s, v)  # made current before the budget may look again
                     s.undo.append(s.current)
                     s.current, s.pending = v, {}
                 return v
