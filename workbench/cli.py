@@ -45,11 +45,17 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights' dtype: auto = the checkpoint's own (a GGUF: the smallest that holds it exactly)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle .bin weights (runs code!)")
+    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="memory each device may hold, e.g. cuda:0=20GiB,cpu=48GiB (default: what is free); "
+                        "blocks past it are offloaded and onloaded at their turn")
+    p.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="where offloaded weights that cannot be memory-mapped from the checkpoint are written")
 
 
 def load_options(args) -> dict:
     """load_model's keyword arguments from the parsed load flags."""
-    return {"device": args.device, "allow_pickle": args.allow_pickle, "dtype": getattr(args, "dtype", "auto")}
+    return {"device": args.device, "allow_pickle": args.allow_pickle, "dtype": getattr(args, "dtype", "auto"),
+            "max_memory": getattr(args, "max_memory", None), "offload_folder": getattr(args, "offload_folder", None)}
 
 
 def add_model_args(p: argparse.ArgumentParser, recipe: bool = True, calibration: bool = True) -> None:
