@@ -55,7 +55,7 @@ from workbench.store import Store
 
 log = logging.getLogger(__name__)
 
-PANELS = ["model", "blocks", "influence", "compare", "export", "attention", "outliers", "map", "attribution", "sparsity"]
+PANELS = ["workbench", "model", "blocks", "influence", "compare", "export", "attention", "outliers", "map", "attribution", "sparsity"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 HEAVY = {"concurrency_id": "heavy", "concurrency_limit": 1}
