@@ -62,16 +62,17 @@ def build(ctx) -> dict:
                             info="auto: the checkpoint's own dtype")
         button = gr.Button("Load", variant="primary", scale=1)
     with gr.Row():
-        max_memory = gr.Textbox(label="Max memory (optional)", placeholder="cuda:0=20GiB,cpu=48GiB", scale=2,
+        max_memory = gr.Textbox(value="", label="Max memory (optional)", placeholder="cuda:0=20GiB,cpu=48GiB", scale=2,
                                 info="blocks beyond it stay offloaded and are onloaded at their turn")
-        offload = gr.Textbox(label="Offload folder (optional)", placeholder="/path/for/offloaded/weights", scale=2)
+        offload = gr.Textbox(value="", label="Offload folder (optional)", placeholder="/path/for/offloaded/weights", scale=2)
     gr.Markdown("The default is SmolLM2-135M-Instruct from a Q4_1 GGUF: its first load dequantizes it once "
                 "(about 20 s) and caches it; later loads take seconds. Pickle `.bin` weights need `--allow-pickle`.",
                 elem_classes="wb-note")
     info = gr.Markdown(describe(store, None), elem_id="wb-model-info")
 
-    button.click(ctx.guard(lambda sid, src, p, dt, mm, of, progress=gr.Progress(): load(store, sid, src, p, dt, mm, of,
-                                                                                       progress)),
+    # defaults: API callers of the older (source, path) form keep working
+    button.click(ctx.guard(lambda sid, src, p, dt="auto", mm="", of="", progress=gr.Progress():
+                           load(store, sid, src, p, dt, mm, of, progress)),
                  inputs=[ctx.session, source, path, dtype, max_memory, offload], outputs=[info, ctx.changed], api_name="load_model", **ctx.heavy)
     ctx.changed.change(ctx.guard(lambda sid: describe(store, sid)), inputs=ctx.session, outputs=info, show_progress="hidden")
     return {"source": source, "path": path, "dtype": dtype, "max_memory": max_memory, "offload_folder": offload,

@@ -358,3 +358,25 @@ def test_cli_refuses_a_model_that_cannot_fit_with_one_line(f32_folder, capsys):
     assert "--max-memory cpu=" in err[0]
     assert main(["info", "--model", str(f32_folder), "--max-memory", "cpu=lots"]) == 2
     assert "cannot read the size 'lots'" in capsys.readouterr().err
+
+
+def test_cli_progress_says_the_step_and_elapsed_time_then_the_time_left():
+    import io
+
+    from workbench.cli import StderrProgress
+
+    now = [0.0]
+    out = io.StringIO()
+    prog = StderrProgress(stream=out, clock=lambda: now[0])
+    prog.units = 4
+    prog(0.0, "quantize: block 0 (gptq 4-bit)")
+    now[0] = 12.0
+    prog(0.0, "quantize: block 0 (gptq 4-bit)")
+    now[0] = 20.0
+    prog(0.25, "quantize: block 1 (gptq 4-bit)")  # first block done after 20 s: 3 blocks left
+    now[0] = 25.0
+    prog(0.1, "evaluate: 10 tokens")  # a new step: a new estimate
+    lines = out.getvalue().splitlines()
+    assert lines[1] == "[  0.0%] quantize: block 0 (gptq 4-bit) · 12 s elapsed"
+    assert "20 s elapsed, about 1 min 00 s left (20 s per block, 25% done)" in lines[2]
+    assert lines[3] == "[ 10.0%] evaluate: 10 tokens · 0 s elapsed"

@@ -29,8 +29,29 @@ log = logging.getLogger("workbench")
 
 
 # ---- shared plumbing ------------------------------------------------------------------------------
-def stderr_progress(frac: float, msg: str) -> None:
-    print(f"[{frac * 100:5.1f}%] {msg}", file=sys.stderr, flush=True)
+class StderrProgress:
+    """The CLI's long jobs on stderr: the step in words with the elapsed time while the first block runs,
+    then an estimate of the time left from the measured time per block (panels/jobs.Tracker's lines).
+    A new step (the words before ':' change, or the fraction goes back) starts a new estimate; `units`
+    is the model's block count, set once it is loaded."""
+
+    def __init__(self, stream=None, clock=time.monotonic):
+        self.stream, self.clock = stream, clock
+        self.units = 1
+        self.tracker = None
+        self.step = None
+
+    def __call__(self, frac: float, msg: str) -> None:
+        from workbench.panels.jobs import Tracker
+
+        step = msg.split(":", 1)[0]
+        if self.tracker is None or step != self.step or frac < self.tracker.frac - 1e-9:
+            self.tracker, self.step = Tracker(units=self.units, what=msg, clock=self.clock), step
+        self.tracker(frac, msg)
+        print(f"[{frac * 100:5.1f}%] {self.tracker.line()}", file=self.stream or sys.stderr, flush=True)
+
+
+stderr_progress = StderrProgress()
 
 
 def one_line(e: BaseException) -> str:
@@ -90,6 +111,7 @@ def open_session(args, quiet_calibration: bool = False):
     if over:
         calib = Calibration(**{**calib.to_dict(), **over})
     lm = load_model(spec, progress=stderr_progress, **load_options(args))
+    stderr_progress.units = lm.num_blocks  # the jobs' estimates count blocks
     variant = original_variant(lm.num_blocks)
     if recipe.steps:
         ctx = OpContext(lm=lm, calibration=calib, progress=stderr_progress)
