@@ -211,15 +211,15 @@ def main() -> None:
         print(f"{size}: {'offloaded (weights memory-mapped)' if args.offload else 'in RAM'}; "
               f"load average {os.getloadavg()[0]:.1f}", flush=True)
         cmd = [sys.executable, __file__, "--_measure", size, "--workdir", str(work), "--jobs", ",".join(jobs)]
-        p = subprocess.run(cmd + (["--offload"] if args.offload else []), capture_output=True, text=True)
-        for line in p.stdout.splitlines():
+        p = subprocess.Popen(cmd + (["--offload"] if args.offload else []), stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+        for line in p.stdout:  # each job's figures as they come
             if line.startswith("RESULT "):
                 results[size] = json.loads(line[7:])
             else:
-                print(line, flush=True)
-        if p.returncode != 0:
-            print(p.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(p.returncode)
+                print(line, end="", flush=True)
+        if p.wait() != 0:
+            raise SystemExit(f"{size}: the measuring process failed (exit {p.returncode}); run it alone to see why")
     base = None
     for size, r in results.items():  # time per parameter, relative to the smallest model's
         per = {j: v["seconds"] / r["parameters"] for j, v in r["jobs"].items()}

@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--shape", default="8b", choices=list(SHAPES))
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--jobs", default="quick,scan,gptq,fuse", help="capped jobs (the uncapped run: quick, gptq)")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     vocab = SHAPES[args.shape]["vocab_size"]
@@ -150,7 +151,7 @@ def main() -> None:
     lm = place(model, args.device, CAP_BYTES if on_gpu else None)
     res["capped"] = {"plan": lm.plan.lines(), "place_s": time.perf_counter() - t0}
     print("capped: " + " | ".join(lm.plan.lines()[:3]), flush=True)
-    run_jobs(lm, ("quick", "scan", "gptq", "fuse"), ids_scan, ids_gptq, res["capped"])
+    run_jobs(lm, tuple(args.jobs.split(",")), ids_scan, ids_gptq, res["capped"])
     if on_gpu:
         from accelerate.hooks import remove_hook_from_module
 
