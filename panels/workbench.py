@@ -403,7 +403,8 @@ def build(ctx) -> dict:
                 fsteps = gr.Number(bp.FUSE_DEFAULTS["steps"], label="steps per block", precision=0, minimum=0, visible=False, min_width=80)
                 method = gr.Dropdown(["gptq", "rtn"], value="gptq", label="method", visible=False, min_width=90)
                 bits = gr.Dropdown([2, 3, 4, 8], value=4, label="bits", visible=False, min_width=80)
-                group = gr.Dropdown([32, 64, 128, -1], value=64, label="group size", visible=False, min_width=90)
+                group = gr.Dropdown([32, 64, 128, -1], value=64, label="group size", visible=False, min_width=90,
+                                    elem_id="wb-main-group")
                 observer = gr.Dropdown([("min-max", "minmax"), ("mse search", "mse")], value=bp.DEFAULT_OBSERVER,
                                        label="scales", visible=False, min_width=110)
                 shrink = gr.Number(bp.DEFAULT_SHRINK, label="Hessian shrink", minimum=0, maximum=1, step=0.1, visible=False, min_width=90)
