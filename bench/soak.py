@@ -42,6 +42,8 @@ class ByteTokenizer:
         return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
 
     def decode(self, ids, skip_special_tokens=True):
+        if not hasattr(ids, "__iter__") or getattr(ids, "ndim", 1) == 0:  # the streamer may pass one token
+            ids = [ids]
         return bytes(int(i) for i in ids if int(i) != 0).decode("utf-8", errors="replace")
 
     def save_pretrained(self, path):
