@@ -33,5 +33,9 @@ class ExportError(WorkbenchError):
     """The export target exists (and overwrite was not asked) or could not be written."""
 
 
+class WriteFailure(ExportError):
+    """The environment refused a write (disk full, permission denied): the CLI exits 3, not 2."""
+
+
 class Cancelled(WorkbenchError):
     """A long job was cancelled by the person; the workspace is unchanged."""

@@ -2,21 +2,18 @@
 
 Fewer blocks, `num_hidden_layers` and per-layer config lists updated, attention `layer_idx` renumbered
 (so generation with a KV cache works), tokenizer included, plus `recipe.json` and a model card with the
-measured metrics. Written to a temporary folder beside the target and renamed into place; an existing
-target is never overwritten unless asked.
+measured metrics. Written through `safe_folder.atomic_folder`: a temporary folder beside the target renamed into
+place; only an earlier export of ours is ever replaced, and only when asked.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import ExportError
 from .loading import LoadedModel
+from .safe_folder import atomic_folder, environment_failure
 from .workspace import Variant, view_model
 
 
@@ -54,35 +51,10 @@ def _card(lm: LoadedModel, variant: Variant, recipe: dict, metrics: dict | None,
     return "\n".join(lines) + "\n"
 
 
-@contextlib.contextmanager
-def atomic_folder(out_dir: str | Path, overwrite: bool = False, progress=None):
-    """Yield a temporary folder beside `out_dir`; on success it is renamed into place (an existing target
-    only with `overwrite`, kept until the new one is there); on any failure it is removed."""
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists; choose another folder or ask to overwrite")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
-    except OSError as e:
-        raise ExportError(f"cannot write into {parent}: {e}") from e
-    try:
-        yield tmp
-        if progress:
-            progress(0.9, "moving into place")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def model_sources(lm: LoadedModel) -> tuple[str, ...]:
+    """What an export target must neither contain nor lie inside: the model's folder and its spec
+    (a GGUF file, a local folder); names that are not paths are ignored by the check."""
+    return (lm.source, lm.spec)
 
 
 def save_model_files(model, tokenizer, folder: Path, after_weights=None) -> None:
@@ -93,6 +65,8 @@ def save_model_files(model, tokenizer, folder: Path, after_weights=None) -> None
             after_weights(folder)
         tokenizer.save_pretrained(folder)
     except OSError as e:
+        if environment_failure(e, "") is not None:
+            raise  # the atomic writer names the target and cleans up
         raise ExportError(f"could not write the export: {e}") from e
 
 
@@ -120,7 +94,7 @@ def export_variant(
     progress=None,
 ) -> Path:
     """Write the variant to `out_dir` atomically. Returns the folder."""
-    with atomic_folder(out_dir, overwrite, progress) as tmp:
+    with atomic_folder(out_dir, overwrite, progress, protect=model_sources(lm)) as tmp:
         if progress:
             progress(0.1, "writing weights")
         save_model_files(view_model(lm.model, lm.adapter, variant), lm.tokenizer, tmp)

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .errors import ExportError
-from .export import _card, atomic_folder, save_model_files, write_side_files
+from .export import _card, model_sources, save_model_files, write_side_files
+from .safe_folder import atomic_folder
 from .loading import LoadedModel
 from .workspace import Variant, view_model
 
@@ -165,7 +166,7 @@ def export_compressed(
     check_exportable(lm, variant)
     from compressed_tensors.compressors import ModelCompressor
 
-    with atomic_folder(out_dir, overwrite, progress) as tmp:
+    with atomic_folder(out_dir, overwrite, progress, protect=model_sources(lm)) as tmp:
         if progress:
             progress(0.1, "copying the variant for packing")
         # A private copy: the library edits modules in place (new parameters, a new forward).

@@ -22,6 +22,8 @@ MODES = ["prune", "fuse", "quantize"]
 # (README, Quantization).
 DEFAULT_OBSERVER = "mse"
 DEFAULT_SHRINK = 0.4
+# What the fuse mode applies beyond rank and steps (bench/fuse_defaults.py measures them on the default model).
+FUSE_DEFAULTS = {"rank": 8, "steps": 16}
 COLOURS = {"kept": "#4C78A8", "pending": "#E45756", "dropped": "#C9C9C9", "fused": "#F58518",
            "quantized": "#54A24B", "sparse": "#B279A2", "changed": "#9D755D"}
 

@@ -7,7 +7,8 @@
     workbench analyze <name> ...
 
 `--json` prints one JSON document on stdout (schema_version, the inputs used, units); progress and logs
-go to stderr. Bad input: one clear line on stderr and a non-zero exit, never a traceback.
+go to stderr. Bad input: one `error: ...` line on stderr and exit 2, never a traceback; an environment
+failure (disk full, permission denied while writing) is one `error: ...` line and exit 3.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 
 SCHEMA_VERSION = 1
 EXIT_USER_ERROR = 2
+EXIT_ENVIRONMENT = 3  # the machine refused (disk full, permission denied): one `error:` line, nothing half-written
 
 log = logging.getLogger("workbench")
 
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("--model") or argv[0] in ("--host", "--port"):
         argv = ["app", *argv]  # bare `workbench` launches the app
     args = parser.parse_args(argv)
-    from workbench.engine.errors import WorkbenchError
+    from workbench.engine.errors import WorkbenchError, WriteFailure
 
     try:
         out = args.func(args)
@@ -222,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _print_human(out)
         return 0
+    except WriteFailure as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except WorkbenchError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
