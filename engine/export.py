@@ -1,9 +1,14 @@
-"""Export a variant as a `save_pretrained` folder that plain transformers loads.
+"""Export a variant: dense safetensors (plain transformers), compressed-tensors, or GGUF (llama.cpp).
 
 Fewer blocks, `num_hidden_layers` and per-layer config lists updated, attention `layer_idx` renumbered
-(so generation with a KV cache works), tokenizer included, plus `recipe.json` and a model card with the
-measured metrics. Written through `safe_folder.atomic_folder`: a temporary folder beside the target renamed into
-place; only an earlier export of ours is ever replaced, and only when asked.
+(so generation with a KV cache works), tokenizer included, plus `recipe.json`, a model card saying how
+to load the folder with the measured metrics, and `workbench_metrics.json` with the bytes on disk of
+every file. Written through `safe_folder.atomic_folder`: a temporary folder beside the target renamed
+into place, with the modes of the user's umask; only an earlier export of ours is ever replaced, and
+only when asked.
+
+The default format follows the variant: one with quantized blocks exports as compressed-tensors (the
+packed codes), any other as dense safetensors in the weights' own dtype (`export_files`).
 """
 
 from __future__ import annotations
@@ -12,21 +17,57 @@ import json
 from pathlib import Path
 
 from .errors import ExportError
+from .export_files import DEFAULT_SHARD_BYTES, files_bytes, write_dense_weights
 from .loading import LoadedModel
 from .safe_folder import atomic_folder, environment_failure
 from .workspace import Variant, view_model
 
-
-def _card(lm: LoadedModel, variant: Variant, recipe: dict, metrics: dict | None, extra_notes: list[str]) -> str:
-    lines = [
-        f"# {lm.name}: compressed variant '{variant.name}'",
-        "",
-        "Made with the Compression Workbench. Loads with plain `transformers`:",
-        "",
+FORMATS = ("dense", "compressed-tensors", "gguf")
+# What loads each format (the Export panel shows it beside the size).
+LOADERS = {
+    "dense": "transformers (AutoModelForCausalLM.from_pretrained), vLLM",
+    "compressed-tensors": "transformers + compressed-tensors, vLLM",
+    "gguf": "llama.cpp, Ollama, LM Studio (and transformers with gguf_file=)",
+}
+HOW_TO_LOAD = {
+    "dense": [
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "model = AutoModelForCausalLM.from_pretrained('<this folder>')",
+        "tokenizer = AutoTokenizer.from_pretrained('<this folder>')",
         "```",
+        "vLLM: `vllm serve <this folder>`.",
+    ],
+    "compressed-tensors": [
+        "```python",
+        "# pip install compressed-tensors",
+        "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained('<this folder>')",
+        "```",
+        "vLLM: `vllm serve <this folder>` (pack-quantized weights; not tested here).",
+    ],
+    "gguf": [
+        "- llama.cpp: `llama-cli -m <this folder>/model.gguf` (or `llama-server -m ...`)",
+        "- Ollama: a `Modelfile` with `FROM ./model.gguf`, then `ollama create mymodel -f Modelfile`",
+        "- LM Studio: import `model.gguf`",
+        "- transformers (dequantizes on load): "
+        "`AutoModelForCausalLM.from_pretrained('<this folder>', gguf_file='model.gguf')`",
+    ],
+}
+
+
+def _card(lm: LoadedModel, variant: Variant, recipe: dict, metrics: dict | None, extra_notes: list[str],
+          fmt: str = "dense", weight_files: dict | None = None) -> str:
+    lines = [
+        f"# {lm.name}: compressed variant '{variant.name}'",
+        "",
+        f"Made with the Compression Workbench. Format: **{fmt}**, loaded by {LOADERS[fmt]}:",
+        "",
+        *HOW_TO_LOAD[fmt],
+        "",
+        "Other formats of the same variant: `workbench compress --format dense|compressed-tensors|gguf` "
+        "(dense: transformers; compressed-tensors: transformers + compressed-tensors, vLLM; "
+        "gguf: llama.cpp, Ollama, LM Studio).",
         "",
         f"- Source model: `{lm.spec}` ({lm.source})",
         f"- Blocks kept: {len(variant.kept())} of {variant.num_blocks}",
@@ -37,6 +78,9 @@ def _card(lm: LoadedModel, variant: Variant, recipe: dict, metrics: dict | None,
         "",
     ]
     lines += [f"- `{json.dumps(s)}`" for s in recipe.get("steps", [])] or ["- none"]
+    if weight_files:
+        lines += ["", "## Files", "", "| file | bytes |", "| --- | --- |"]
+        lines += [f"| {k} | {v:,} |" for k, v in weight_files.items()]
     if metrics:
         lines += ["", "## Measured", "", "| metric | value |", "| --- | --- |"]
         for k, v in metrics.items():
@@ -70,12 +114,16 @@ def save_model_files(model, tokenizer, folder: Path, after_weights=None) -> None
         raise ExportError(f"could not write the export: {e}") from e
 
 
-def write_side_files(folder: Path, recipe: dict, card: str, metrics: dict | None) -> None:
-    """recipe.json, the model card and the measured metrics beside the weights."""
+def write_side_files(folder: Path, recipe: dict, card: str, metrics: dict | None, fmt: str = "dense") -> None:
+    """recipe.json, the model card and the measured metrics, with the bytes on disk of every file
+    written before them (`files_bytes`; the metrics file itself is not in it), beside the weights."""
     (folder / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     (folder / "README.md").write_text(card)
-    if metrics:
-        (folder / "workbench_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    doc = dict(metrics or {})
+    doc["format"] = fmt
+    doc["files_bytes"] = files_bytes(folder)
+    doc["bytes_on_disk"] = sum(doc["files_bytes"].values())
+    (folder / "workbench_metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def step_card_notes(variant: Variant) -> list[str]:
@@ -92,12 +140,52 @@ def export_variant(
     overwrite: bool = False,
     notes: list[str] | None = None,
     progress=None,
+    max_shard_bytes: int | None = None,
 ) -> Path:
-    """Write the variant to `out_dir` atomically. Returns the folder."""
+    """Write the variant to `out_dir` atomically as dense safetensors in the weights' own dtype, streamed
+    shard by shard (see `export_files`). Returns the folder."""
     with atomic_folder(out_dir, overwrite, progress, protect=model_sources(lm)) as tmp:
         if progress:
             progress(0.1, "writing weights")
-        save_model_files(view_model(lm.model, lm.adapter, variant), lm.tokenizer, tmp)
-        card = _card(lm, variant, recipe, metrics, (notes or []) + step_card_notes(variant))
-        write_side_files(tmp, recipe, card, metrics)
+        try:
+            names = write_dense_weights(view_model(lm.model, lm.adapter, variant), tmp,
+                                        max_shard_bytes or DEFAULT_SHARD_BYTES)
+            lm.tokenizer.save_pretrained(tmp)
+        except OSError as e:
+            if environment_failure(e, "") is not None:
+                raise  # the atomic writer names the target and cleans up
+            raise ExportError(f"could not write the export: {e}") from e
+        weights = {n: (tmp / n).stat().st_size for n in names}
+        card = _card(lm, variant, recipe, metrics, (notes or []) + step_card_notes(variant), "dense", weights)
+        write_side_files(tmp, recipe, card, metrics, "dense")
     return Path(out_dir).expanduser().resolve()
+
+
+# ---- choosing a format ------------------------------------------------------------------------------
+def has_quantized_blocks(lm: LoadedModel, variant: Variant) -> bool:
+    model = view_model(lm.model, lm.adapter, variant)
+    return any(getattr(m, "workbench_quant", None) is not None for m in model.modules())
+
+
+def default_format(lm: LoadedModel, variant: Variant) -> str:
+    """compressed-tensors for a variant with quantized blocks, dense for any other."""
+    return "compressed-tensors" if has_quantized_blocks(lm, variant) else "dense"
+
+
+def export_any(lm: LoadedModel, variant: Variant, out_dir: str | Path, recipe: dict, fmt: str | None = None,
+               gguf_type: str | None = None, metrics: dict | None = None, overwrite: bool = False,
+               notes: list[str] | None = None, progress=None) -> tuple[Path, str]:
+    """Export in `fmt` (None: the variant's default format). -> (folder, format written)."""
+    fmt = fmt or default_format(lm, variant)
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r} (choose {', '.join(FORMATS)})")
+    kw = dict(metrics=metrics, overwrite=overwrite, notes=notes, progress=progress)
+    if fmt == "dense":
+        return export_variant(lm, variant, out_dir, recipe, **kw), fmt
+    if fmt == "compressed-tensors":
+        from .export_ct import export_compressed
+
+        return export_compressed(lm, variant, out_dir, recipe, **kw), fmt
+    from .export_gguf import export_gguf
+
+    return export_gguf(lm, variant, out_dir, recipe, tensor_type=gguf_type, **kw), fmt

@@ -195,7 +195,7 @@ def export_compressed(
             "vLLM can serve pack-quantized 4- and 8-bit weights, but loading this export in vLLM was not tested here.",
             *(notes or []),
         ]
-        card = _card(lm, variant, recipe, metrics, card_notes)
-        card = card.replace("Loads with plain `transformers`:", "Loads with `transformers` + `compressed-tensors`:")
-        write_side_files(tmp, recipe, card, metrics)
+        weights = {p.name: p.stat().st_size for p in sorted(tmp.glob("*.safetensors"))}
+        card = _card(lm, variant, recipe, metrics, card_notes, "compressed-tensors", weights)
+        write_side_files(tmp, recipe, card, metrics, "compressed-tensors")
     return Path(out_dir).expanduser().resolve()

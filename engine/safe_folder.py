@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import ExportError, WriteFailure
+from .export_files import set_modes
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,7 @@ def atomic_folder(target, overwrite: bool = False, progress=None, *, protect: It
         try:
             yield tmp
             (tmp / MARKER).write_text(json.dumps({"written_by": "compression-workbench"}) + "\n")
+            set_modes(tmp)  # what libraries wrote (some through private temp files) gets the umask's modes
             if progress:
                 progress(0.95, "moving into place")
             if out.exists() and any(out.iterdir()):

@@ -204,11 +204,11 @@ def test_full_disk_is_one_line_and_leaves_nothing(tiny_lm, tmp_path, monkeypatch
     out = make_export(tmp_path / "out")
     before = tree(out)
 
-    def full(self, folder, **kw):
-        Path(folder, "model.safetensors").write_bytes(b"partial")
+    def full(tensors, path, **kw):  # the dense export streams shards through safetensors' save_file
+        Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(type(lm.model), "save_pretrained", full)
+    monkeypatch.setattr("workbench.engine.export_files.save_file", full)
     with pytest.raises(WriteFailure, match=r"the export .*out was not written: the disk is full") as e:
         export_variant(lm, original_variant(4), out, {"steps": []}, overwrite=True)
     assert "\n" not in str(e.value)
@@ -258,10 +258,10 @@ def test_cli_full_disk_exits_3_with_one_line(tiny_lm, tmp_path, monkeypatch, cap
     lm = tiny_lm("llama")
     monkeypatch.setattr(loading, "load_model", lambda spec, **kw: lm)
 
-    def full(self, folder, **kw):
+    def full(tensors, path, **kw):  # the dense export streams shards through safetensors' save_file
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(type(lm.model), "save_pretrained", full)
+    monkeypatch.setattr("workbench.engine.export_files.save_file", full)
     assert cli.main(["compress", "--model", "tiny", "--out", str(tmp_path / "o")]) == cli.EXIT_ENVIRONMENT
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: the export") and "disk is full" in err[-1] and "Traceback" not in "".join(err)

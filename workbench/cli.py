@@ -3,7 +3,8 @@
     workbench [app] [--model M] [--host 127.0.0.1] [--port N]
     workbench info --model M [--json]
     workbench eval --model M [--recipe R] [--text FILE] [--seq-len N] [--max-tokens N] [--json]
-    workbench compress --model M --recipe R --out DIR [--overwrite] [--format dense|compressed-tensors]
+    workbench compress --model M --recipe R --out DIR [--overwrite] [--format dense|compressed-tensors|gguf]
+                       [--gguf-type Q4_0|...] [--emit llm-compressor|llama-quantize]
     workbench analyze <name> ...
 
 `--json` prints one JSON document on stdout (schema_version, the inputs used, units); progress and logs
@@ -137,20 +138,23 @@ def cmd_eval(args) -> dict:
 
 def cmd_compress(args) -> dict:
     from workbench.engine import eval as ev
-    from workbench.engine.export import export_variant
+    from workbench.engine.errors import ExportError
+    from workbench.engine.export import export_any
     from workbench.engine.recipe import variant_recipe
 
+    if args.gguf_type and args.format not in (None, "gguf"):
+        raise ExportError("--gguf-type applies to --format gguf only")
+    if args.gguf_type and args.format is None:
+        args.format = "gguf"
     lm, variant, recipe, calib = open_session(args)
     t0 = time.perf_counter()
     quick = ev.quick_eval(lm, variant)
     metrics = {f"quick_{k}": v for k, v in quick.items() if k in ("kl", "top1", "ppl", "tokens")}
     metrics.update({"parameters": quick["parameters"], "bytes": quick["bytes"]})
     resolved = variant_recipe(lm, variant, calib)
-    export = export_variant
-    if getattr(args, "format", "dense") == "compressed-tensors":
-        from workbench.engine.export_ct import export_compressed as export
-    out = export(lm, variant, args.out, resolved, metrics=metrics, overwrite=args.overwrite, progress=stderr_progress)
-    result = {"out": str(out), "format": getattr(args, "format", "dense"), "blocks_kept": len(variant.kept()), "dropped": variant.dropped(),
+    out, fmt = export_any(lm, variant, args.out, resolved, fmt=args.format, gguf_type=args.gguf_type, metrics=metrics,
+                          overwrite=args.overwrite, progress=stderr_progress)
+    result = {"out": str(out), "format": fmt, "blocks_kept": len(variant.kept()), "dropped": variant.dropped(),
               "replaced": variant.replaced(), "metrics": metrics, "reports": variant.reports,
               "seconds": time.perf_counter() - t0}
     return document("compress", args, lm, recipe, calib, result, {"bytes": "bytes", "quick_kl": "nats per token", "seconds": "s"})
@@ -190,9 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--format", choices=["dense", "compressed-tensors"], default="dense",
-                   help="dense: dequantized weights, plain transformers (default); compressed-tensors: packed "
-                        "quantized weights (needs the compressed-tensors package to load)")
+    p.add_argument("--format", choices=["dense", "compressed-tensors", "gguf"], default=None,
+                   help="default: compressed-tensors when the recipe quantizes, else dense. dense: safetensors in "
+                        "the model's dtype (transformers, vLLM); compressed-tensors: packed quantized weights "
+                        "(transformers + compressed-tensors, vLLM); gguf: one .gguf file (llama.cpp, Ollama)")
+    p.add_argument("--gguf-type", default=None, type=str.upper,
+                   choices=["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"],
+                   help="GGUF tensor type of the block weights (default: the quantized blocks' own GGUF scheme, "
+                        "else the model's float dtype); implies --format gguf")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("analyze", help="block influence and the other analyses")

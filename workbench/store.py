@@ -22,7 +22,7 @@ from pathlib import Path
 from workbench.engine import eval as ev
 from workbench.engine.data import Calibration, calibration_ids
 from workbench.engine.errors import RecipeError, WorkbenchError
-from workbench.engine.export import export_variant
+from workbench.engine.export import export_any
 from workbench.engine.loading import DEFAULT_MODEL, LoadedModel, load_model
 from workbench.engine.recipe import OpContext, Recipe, apply_steps, step_from_dict, variant_recipe
 from workbench.engine.workspace import Variant, original_variant
@@ -235,7 +235,9 @@ class Store:
             s.calibration = old
             raise
 
-    def export(self, sid: str, out_dir: str, overwrite: bool = False, progress=_quiet) -> Path:
+    def export(self, sid: str, out_dir: str, overwrite: bool = False, progress=_quiet, fmt: str | None = None,
+               gguf_type: str | None = None) -> Path:
+        """Export the current variant (`fmt` None: its default format, see export.default_format)."""
         v = self.current(sid)
         lm = self.lm(sid)
         q = self.quick(sid, v)
@@ -245,7 +247,9 @@ class Store:
         if full:
             metrics.update({f"full_{k}": full[k] for k in ("kl", "top1", "ppl", "ppl_original", "tokens") if k in full})
         with self.using(sid):
-            return export_variant(lm, v, out_dir, self.recipe_of(sid, v), metrics=metrics, overwrite=overwrite, progress=progress)
+            out, _ = export_any(lm, v, out_dir, self.recipe_of(sid, v), fmt=fmt, gguf_type=gguf_type, metrics=metrics,
+                                overwrite=overwrite, progress=progress)
+            return out
 
     # ---- figures --------------------------------------------------------------------------------
     def figures(self, sid: str, variant: Variant) -> dict:
