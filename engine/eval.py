@@ -25,6 +25,55 @@ from .loading import LoadedModel
 from .workspace import Variant, block_modules, view_model
 
 QUICK_CACHE_BUDGET_BYTES = 512 * 2**20  # stated budget for one model's quick-set cache
+# fp32 logits of at most this many bytes exist at once: memory stays bounded whatever the vocabulary
+# (a 262k-vocabulary model's (4, 256, V) logits alone are 1 GiB, and log-softmax makes more of them).
+LOGIT_CHUNK_BYTES = 64 * 2**20
+
+
+def chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk so that one chunk's fp32 logits take about LOGIT_CHUNK_BYTES."""
+    return max(1, LOGIT_CHUNK_BYTES // (4 * max(1, int(vocab))))
+
+
+def _vocab(lm_or_model, adapter=None) -> int:
+    model = getattr(lm_or_model, "model", lm_or_model)
+    adapter = adapter or lm_or_model.adapter
+    head = adapter.lm_head(model)
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+def final_hidden(model, adapter, ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) hidden states after the final norm: the base model's output, without the LM head."""
+    base = getattr(model, "base_model", model)
+    return base(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def stream_sums(logits_fn, vocab: int, targets: torch.Tensor, ref_hidden: torch.Tensor,
+                var_hidden: torch.Tensor | None = None) -> dict:
+    """Sums over tokens, computed chunk by chunk of tokens (fp32 throughout): the reference's NLL and,
+    with a variant, KL(ref || var), top-1 agreement and the variant's NLL.
+
+    logits_fn: (n, d) hidden -> (n, V) fp32 logits; ref_hidden / var_hidden (B, T, d) predict
+    targets (B, T); out: {"ref_nll", "kl", "agree", "nll", "n"}.
+    """
+    d = ref_hidden.shape[-1]
+    ref_rows = ref_hidden.reshape(-1, d)
+    var_rows = var_hidden.reshape(-1, d) if var_hidden is not None else None
+    tgt = targets.reshape(-1)
+    step = chunk_tokens(vocab)
+    out = {"ref_nll": 0.0, "kl": 0.0, "agree": 0.0, "nll": 0.0, "n": int(tgt.numel())}
+    for a in range(0, tgt.numel(), step):
+        t = tgt[a : a + step, None]
+        ref = F.log_softmax(logits_fn(ref_rows[a : a + step]).float(), dim=-1)  # (n, V)
+        out["ref_nll"] -= ref.gather(-1, t).sum().item()
+        if var_rows is None:
+            continue
+        s = compare(ref, logits_fn(var_rows[a : a + step]), t[:, 0])
+        for k in ("kl", "agree", "nll"):
+            out[k] += s[k]
+    if var_rows is None:
+        out.update(kl=0.0, agree=float(out["n"]), nll=out["ref_nll"])
+    return out
 
 
 @dataclass
@@ -50,16 +99,34 @@ class QuickCache:
             t.numel() * t.element_size() for t in (self.ref_logp, self.ref_negent, self.ref_psum, self.ref_top1)
         )
 
+    def compare_hidden(self, lm: LoadedModel, hidden: torch.Tensor) -> dict:
+        """`compare` from the variant's last hidden state (B, T, d), a chunk of tokens at a time."""
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        step = chunk_tokens(_vocab(lm))
+        flat = {k: getattr(self, k).reshape(h.shape[0], *getattr(self, k).shape[2:])
+                for k in ("ref_logp", "ref_negent", "ref_psum", "ref_top1")}
+        tgt = self.ids[:, 1:].reshape(-1)
+        tot = {"kl": 0.0, "agree": 0.0, "nll": 0.0, "n": int(tgt.numel())}
+        for a in range(0, h.shape[0], step):
+            part = {k: v[a : a + step] for k, v in flat.items()}
+            s = self._sums(lm.adapter.head(lm.model, h[a : a + step]), tgt[a : a + step], **part)
+            for k in ("kl", "agree", "nll"):
+                tot[k] += s[k]
+        return tot
+
     def compare(self, logits: torch.Tensor) -> dict:
         """Sums over the quick tokens, as `compare` returns them, from the variant's logits (B, T-1, V)."""
+        return self._sums(logits, self.ids[:, 1:], self.ref_logp, self.ref_negent, self.ref_psum, self.ref_top1)
+
+    @staticmethod
+    def _sums(logits, targets, ref_logp, ref_negent, ref_psum, ref_top1) -> dict:
         logits = logits.float()
         lse = torch.logsumexp(logits, dim=-1)  # (B, T-1)
-        targets = self.ids[:, 1:]
         # An elementwise product and sum: einsum's batched-matmul path lost ~2e-3 nats here on CPU.
-        p_dot_z = (self.ref_logp.float().exp() * logits).sum(-1)
-        kl = self.ref_negent - p_dot_z + lse * self.ref_psum
+        p_dot_z = (ref_logp.float().exp() * logits).sum(-1)
+        kl = ref_negent - p_dot_z + lse * ref_psum
         nll = lse - logits.gather(-1, targets[..., None]).squeeze(-1)
-        agree = (logits.argmax(-1) == self.ref_top1).float()
+        agree = (logits.argmax(-1) == ref_top1).float()
         return {"kl": kl.sum().item(), "agree": agree.sum().item(), "nll": nll.sum().item(), "n": targets.numel()}
 
 
@@ -73,13 +140,25 @@ def quick_cache(lm: LoadedModel) -> QuickCache:
         if qc is None:
             ids = data.quick_ids(lm.tokenizer).to(lm.device)
             trace = trace_blocks(lm.model, lm.adapter, ids)
-            logits = lm.adapter.head(lm.model, trace.output)
-            logp = F.log_softmax(logits[:, :-1], dim=-1)
-            nll = -logp.gather(-1, ids[:, 1:, None]).mean().item()
-            lp16 = logp.half()
-            lp = lp16.float()
-            qc = QuickCache(ids=ids, trace=trace, ref_logp=lp16, ref_negent=(lp.exp() * lp).sum(-1),
-                            ref_psum=lp.exp().sum(-1), ref_top1=logp.argmax(-1), ref_nll=nll)
+            h = trace.output[:, :-1]  # (B, T-1, d)
+            B, T1 = h.shape[:2]
+            rows = h.reshape(B * T1, -1)
+            tgt = ids[:, 1:].reshape(-1)
+            step = chunk_tokens(_vocab(lm))
+            lp16, negent, psum, top1, nll = [], [], [], [], 0.0
+            for a in range(0, rows.shape[0], step):  # chunks of tokens: bounded whatever the vocabulary
+                logp = F.log_softmax(lm.adapter.head(lm.model, rows[a : a + step]), dim=-1)  # (n, V)
+                nll -= logp.gather(-1, tgt[a : a + step, None]).sum().item()
+                lp = logp.half()
+                lpf = lp.float()
+                lp16.append(lp)
+                negent.append((lpf.exp() * lpf).sum(-1))
+                psum.append(lpf.exp().sum(-1))
+                top1.append(logp.argmax(-1))
+            shape = (B, T1)
+            qc = QuickCache(ids=ids, trace=trace, ref_logp=torch.cat(lp16).reshape(B, T1, -1),
+                            ref_negent=torch.cat(negent).reshape(shape), ref_psum=torch.cat(psum).reshape(shape),
+                            ref_top1=torch.cat(top1).reshape(shape), ref_nll=nll / max(1, tgt.numel()))
             if qc.nbytes() > QUICK_CACHE_BUDGET_BYTES:
                 raise MemoryError(f"quick cache needs {qc.nbytes() / 2**20:.0f} MiB, over its budget")
             lm._quick_cache = qc
@@ -139,7 +218,7 @@ def quick_eval(lm: LoadedModel, variant: Variant) -> dict:
         s = {"kl": 0.0, "agree": float(targets.numel()), "nll": qc.ref_nll * targets.numel(), "n": targets.numel()}
     else:
         h = run_from(lm, variant, qc.trace, variant.first_change())
-        s = qc.compare(lm.adapter.head(lm.model, h)[:, :-1])
+        s = qc.compare_hidden(lm, h)
     out = _summarise(s)
     out.update(size_of(lm, variant))
     out["tokens"] = int(s["n"])
@@ -157,12 +236,17 @@ def _summarise(s: dict) -> dict:
 def perplexity(model, ids: torch.Tensor, batch_size: int = 4, device=None) -> tuple[float, int]:
     """Perplexity of `model` alone on the token windows `ids` (B, T), batch by batch, and the number of
     tokens scored: full_eval's NLL without the side-by-side original (for benchmarks' extra rows)."""
+    from .adapters import adapter_for
+
+    adapter = adapter_for(model)
+    vocab = _vocab(model, adapter)
     nll, n = 0.0, 0
     for b0 in range(0, ids.shape[0], batch_size):
         batch = ids[b0 : b0 + batch_size].to(device if device is not None else ids.device)
-        logp = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
-        nll -= logp.gather(-1, batch[:, 1:, None]).sum().item()
-        n += batch[:, 1:].numel()
+        h = final_hidden(model, adapter, batch)[:, :-1]
+        s = stream_sums(lambda x: adapter.logits(model, x), vocab, batch[:, 1:], h)
+        nll += s["ref_nll"]
+        n += s["n"]
     return math.exp(nll / max(n, 1)), n
 
 
@@ -181,6 +265,7 @@ def full_eval(
     agreement against the original on the same tokens (both run side by side, batch by batch)."""
     ids = data.evaluation_ids(lm.tokenizer, source, seq_len, max_tokens)
     vmodel = view_model(lm.model, lm.adapter, variant)
+    vocab = _vocab(lm)
     totals = {"kl": 0.0, "agree": 0.0, "nll": 0.0, "n": 0}
     ref_nll = 0.0
     t0 = time.perf_counter()
@@ -188,11 +273,11 @@ def full_eval(
         if cancel is not None and cancel.is_set():
             raise Cancelled("evaluation cancelled")
         batch = ids[b0 : b0 + batch_size].to(lm.device)
-        targets = batch[:, 1:]
-        ref = F.log_softmax(lm.model(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
-        ref_nll += -ref.gather(-1, targets[..., None]).sum().item()
-        logits = ref if variant.is_identity() else vmodel(input_ids=batch, use_cache=False).logits[:, :-1]
-        s = compare(ref, logits, targets)
+        ref_h = final_hidden(lm.model, lm.adapter, batch)[:, :-1]
+        var_h = None if variant.is_identity() else final_hidden(vmodel, lm.adapter, batch)[:, :-1]
+        # The view shares the original's LM head, so one head serves both sides.
+        s = stream_sums(lambda x: lm.adapter.logits(lm.model, x), vocab, batch[:, 1:], ref_h, var_h)
+        ref_nll += s["ref_nll"]
         for k in totals:
             totals[k] += s[k]
         if progress is not None:

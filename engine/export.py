@@ -70,6 +70,8 @@ def _card(lm: LoadedModel, variant: Variant, recipe: dict, metrics: dict | None,
         "gguf: llama.cpp, Ollama, LM Studio).",
         "",
         f"- Source model: `{lm.spec}` ({lm.source})",
+        f"- Weights stored in {lm.info()['storage_dtype']}, computed in {lm.info()['compute_dtype']}"
+        + (f" ({lm.dtype_note})" if lm.dtype_note else ""),
         f"- Blocks kept: {len(variant.kept())} of {variant.num_blocks}",
         f"- Dropped blocks (original indices): {variant.dropped() or 'none'}",
         f"- Replaced blocks (original indices): {variant.replaced() or 'none'}",

@@ -49,6 +49,18 @@ class LoadedModel:
     name: str  # display name
     source: str  # resolved path or hub id
     device: torch.device
+    checkpoint_dtype: str | None = None  # what the checkpoint stores (config), None when unknown
+    dtype_note: str = ""  # why the storage dtype is what it is, in words
+    plan: object | None = None  # engine.plan.Plan the model was loaded under (None: whole, in memory)
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Blocks compute in the dtype they store (no per-block upcast is made on CPU: see README)."""
+        return self.storage_dtype
 
     @property
     def num_blocks(self) -> int:
@@ -70,9 +82,105 @@ class LoadedModel:
             "hidden_size": getattr(cfg, "hidden_size", getattr(cfg, "n_embd", None)),
             "parameters": self.num_params(),
             "bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
-            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "dtype": dtype_name(self.storage_dtype),
+            "storage_dtype": dtype_name(self.storage_dtype),
+            "compute_dtype": dtype_name(self.compute_dtype),
+            "checkpoint_dtype": self.checkpoint_dtype,
+            "dtype_note": self.dtype_note,
             "device": str(self.device),
         }
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+# Families whose activations overflow float16 (Gemma's embedding scale and large norms): bf16 instead.
+NO_FLOAT16 = ("gemma",)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """'auto' / None -> None (the checkpoint decides); a name or torch dtype -> torch dtype."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ModelLoadError(f"dtype {dtype} is not supported: choose one of {', '.join(DTYPE_CHOICES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[dtype]
+
+
+def checkpoint_dtype(folder: Path) -> str | None:
+    """The dtype the checkpoint's config declares (`dtype`, or the older `torch_dtype`)."""
+    cfg = folder / "config.json"
+    try:
+        c = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return None
+    d = c.get("dtype") or c.get("torch_dtype")
+    return d if d in DTYPES else None
+
+
+def exact_dtype_counts(folder: Path) -> dict:
+    """How many tensors of the folder's safetensors lose bits when stored in bf16 / fp16 (one pass,
+    one tensor at a time from the memory map). A GGUF dequantized to fp32 holds d * q + m values that
+    are often not bf16-exact, so the smallest exact dtype has to be measured, not assumed."""
+    from safetensors import safe_open
+
+    counts = {"tensors": 0, "bfloat16": 0, "float16": 0}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                t = st.get_tensor(k)
+                counts["tensors"] += 1
+                if not t.is_floating_point():
+                    continue
+                for name in ("bfloat16", "float16"):
+                    if not torch.equal(t.to(DTYPES[name]).to(t.dtype), t):
+                        counts[name] += 1
+    return counts
+
+
+def _gguf_auto_dtype(folder: Path) -> tuple[torch.dtype, str]:
+    """Smallest dtype holding a dequantized GGUF exactly, measured once and cached beside it."""
+    marker = folder / "workbench_dtype.json"
+    try:
+        counts = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        counts = exact_dtype_counts(folder)
+        tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(counts))
+            os.replace(tmp, marker)
+        except OSError:  # a read-only cache: measured again next time
+            pass
+    n = counts["tensors"]
+    for name in ("bfloat16", "float16"):
+        if counts[name] == 0:
+            return DTYPES[name], f"GGUF dequantized: every tensor is exact in {name}"
+    return torch.float32, (f"GGUF dequantized: {counts['bfloat16']} of {n} tensors are not exact in bfloat16 "
+                           f"({counts['float16']} in float16), so float32 keeps them as the GGUF has them")
+
+
+def choose_dtype(asked: str | torch.dtype | None, folder: Path, model_type: str) -> tuple[torch.dtype, str]:
+    """-> (storage dtype, note in words). `auto` takes the checkpoint's own dtype; float16 is never used
+    for families that overflow in it (bf16 instead)."""
+    want = parse_dtype(asked)
+    if want is not None:
+        dtype, note = want, f"{dtype_name(want)} as asked"
+    elif (folder / "workbench_source.json").is_file():
+        dtype, note = _gguf_auto_dtype(folder)
+    else:
+        ck = checkpoint_dtype(folder)
+        dtype = DTYPES[ck] if ck else torch.float32
+        note = f"the checkpoint's own dtype ({ck})" if ck else "float32: the checkpoint names no dtype"
+    if dtype == torch.float16 and model_type.startswith(NO_FLOAT16):
+        dtype, note = torch.bfloat16, f"bfloat16: {model_type} overflows in float16, so it never computes in it"
+    return dtype, note
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -144,12 +252,12 @@ def convert_gguf(gguf: Path, progress: Progress = _no_progress) -> Path:
     return target
 
 
-def estimate_bytes(folder: Path) -> int:
-    """Bytes the weights take once loaded in fp32 (checkpoints may be half precision on disk)."""
+def estimate_bytes(folder: Path, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the weights take once loaded in `dtype` (checkpoints may be half precision on disk)."""
     index = next(iter(folder.glob("*.safetensors.index.json")), None)
     files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
     on_disk = sum(f.stat().st_size for f in files)
-    dtype = None
+    dtype_to, dtype = dtype, None
     cfg = folder / "config.json"
     if cfg.is_file():
         try:
@@ -157,9 +265,9 @@ def estimate_bytes(folder: Path) -> int:
             dtype = c.get("torch_dtype") or c.get("dtype")
         except ValueError:
             pass
-    factor = 2 if dtype in ("float16", "bfloat16") else 1
+    stored = 2 if dtype in ("float16", "bfloat16") else 4
     del index
-    return on_disk * factor
+    return on_disk * torch.empty((), dtype=dtype_to).element_size() // stored
 
 
 def check_fits(needed: int, device: torch.device) -> None:
@@ -220,7 +328,7 @@ def load_model(
     spec: str = DEFAULT_MODEL,
     device: str | torch.device | None = "auto",
     allow_pickle: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype | None = "auto",
     progress: Progress = _no_progress,
 ) -> LoadedModel:
     """Load a causal LM (or a BERT-style encoder, for the analyses) in eval mode, frozen."""
@@ -229,12 +337,13 @@ def load_model(
     dev = resolve_device(device)
     folder, name = _resolve_folder(str(spec), allow_pickle, progress)
     folder = Path(folder)
-    check_fits(estimate_bytes(folder), dev)
-    progress(0.92, f"loading {name}")
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except Exception as e:
         raise ModelLoadError(f"could not read the config in {folder}: {e}") from e
+    dtype, dtype_note = choose_dtype(dtype, folder, config.model_type)
+    check_fits(estimate_bytes(folder, dtype), dev)
+    progress(0.92, f"loading {name} in {dtype_name(dtype)}")
     is_encoder = config.model_type in ("bert",)
     try:
         cls = AutoModel if is_encoder else AutoModelForCausalLM
@@ -249,7 +358,10 @@ def load_model(
         if "Unrecognized configuration" in str(e) or "does not support" in str(e):
             raise UnsupportedArchitecture(f"transformers cannot build {config.model_type!r} as a causal LM") from e
         raise ModelLoadError(f"could not load {folder}: {type(e).__name__}: {e}") from e
-    return wrap_model(model, tokenizer, spec=str(spec), name=name, source=str(folder), device=dev)
+    lm = wrap_model(model, tokenizer, spec=str(spec), name=name, source=str(folder), device=dev)
+    lm.checkpoint_dtype = checkpoint_dtype(folder)
+    lm.dtype_note = dtype_note
+    return lm
 
 
 def wrap_model(model, tokenizer, spec="(in memory)", name=None, source="(in memory)", device="cpu") -> LoadedModel:

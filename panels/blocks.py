@@ -24,7 +24,7 @@ DEFAULT_OBSERVER = "mse"
 DEFAULT_SHRINK = 0.4
 # What the fuse mode applies beyond rank and steps (bench/fuse_defaults.py measures them on the default model).
 FUSE_DEFAULTS = {"rank": 8, "steps": 16}
-COLOURS = {"kept": "#4C78A8", "pending": "#E45756", "dropped": "#C9C9C9", "fused": "#F58518",
+COLOURS = {"kept": "#4C78A8", "selected": "#E45756", "dropped": "#C9C9C9", "fused": "#F58518",
            "quantized": "#54A24B", "sparse": "#B279A2", "changed": "#9D755D"}
 
 
@@ -57,10 +57,10 @@ def chart_figure(store, sid: str | None, metric: str, progress=None) -> dict:
     others = cached_values(store, sid, exclude=metric)  # hover shows every metric computed so far
     for i, v in enumerate(values):
         state = variant.block_state(i)
-        shown = "pending " + ("drop" if state == "kept" else f"({state})") if i in pending else state
+        shown = "selected" + ("" if state == "kept" else f" ({state})") if i in pending else state
         xs.append(i)
         ys.append(v if v is not None else 0.04 * top)  # dropped blocks: a stub bar, so they stay visible
-        colours.append(COLOURS["pending"] if i in pending else _state_colour(state))
+        colours.append(COLOURS["selected"] if i in pending else _state_colour(state))
         states.append(shown)
         texts.append(("n/a" if v is None else f"{v:.4g}") + hover_extra(others, i))
     direction = "higher = more important" if scores.get("higher_is_more_important", True) else "lower = more important"
@@ -182,23 +182,12 @@ def apply(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: 
     except Cancelled:
         gr.Warning("Cancelled: nothing was changed.")
         return "Cancelled: the current variant is unchanged.", gr.skip()
+    from workbench.panels.workbench import plain_removal_beside, status_words
+
     full = v.reports[-1] if v.reports else {}
-    report = {k: val for k, val in full.items() if not isinstance(val, (list, dict))}
-    text = f"Applied `{json.dumps(v.steps[-1])}` → variant **{v.name}**. Measured: `{json.dumps(report)}`"
-    if mode == "fuse":
-        text += fused_vs_removal(store, sid, base, v)
+    sibling = plain_removal_beside(store, sid, base, v) if mode == "fuse" else None
+    text = status_words(store, sid, v, sibling)  # plain words; the recipe itself is in the Export tab
     return text + fuse_summary(full), PanelContext.token()
-
-
-def fused_vs_removal(store, sid: str, base, fused) -> str:
-    """List plain removal of the same blocks beside the fused variant (Compare plots both) and say how
-    the two compare on the quick set."""
-    blocks = fused.steps[-1].get("blocks", [])
-    plain = store.add_sibling(sid, base.with_dropped(blocks, name=f"{fused.name} plain removal"))
-    plain.steps = list(base.steps) + [{"op": "prune_blocks", "blocks": sorted(blocks)}]
-    qp, qf = store.quick(sid, plain), store.quick(sid, fused)
-    return (f"\n\nOn the quick set, plain removal of blocks {sorted(blocks)} (listed as **{plain.name}** in "
-            f"Compare): KL {qp['kl']:.4f}, top-1 {qp['top1']:.1%}; fused: KL {qf['kl']:.4f}, top-1 {qf['top1']:.1%}.")
 
 
 def fuse_summary(report: dict) -> str:

@@ -8,6 +8,7 @@ from workbench.engine.errors import ModelLoadError
 
 TITLE = "Model"
 SOURCES = ["default", "local folder", "GGUF file", "hub id"]
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
 def spec_for(source: str, path: str) -> str | None:
@@ -31,16 +32,19 @@ def describe(store, sid: str | None) -> str:
         f"**{info['name']}**  \n"
         f"architecture `{info['architecture']}` (family {info['family']}, `{info['model_type']}`) · "
         f"**{info['num_blocks']} blocks** (0..{info['num_blocks'] - 1}) · hidden size {info['hidden_size']}  \n"
-        f"{info['parameters'] / 1e6:.1f} M parameters · {info['bytes'] / 2**20:.1f} MiB as {info['dtype']} · "
-        f"device `{info['device']}`  \nsource: `{info['source']}`"
+        f"{info['parameters'] / 1e6:.1f} M parameters · {info['bytes'] / 2**20:.1f} MiB · "
+        f"device `{info['device']}`  \n"
+        f"stored in **{info['storage_dtype']}**, computed in **{info['compute_dtype']}**"
+        + (f" ({info['dtype_note']})" if info.get("dtype_note") else "")
+        + f"  \nsource: `{info['source']}`"
     )
 
 
-def load(store, sid: str, source: str, path: str, progress=gr.Progress()) -> tuple[str, str]:
-    """Load (first load of a GGUF dequantizes it once, ~20 s) and attach to the session."""
+def load(store, sid: str, source: str, path: str, dtype: str = "auto", progress=gr.Progress()) -> tuple[str, str]:
+    """Load (first load of a GGUF dequantizes it once, ~20 s) in `dtype` and attach to the session."""
     from workbench.app import PanelContext, progress_fn
 
-    store.attach(sid, spec_for(source, path), progress_fn(progress))
+    store.attach(sid, spec_for(source, path), progress_fn(progress), dtype=dtype)
     return describe(store, sid), PanelContext.token()
 
 
@@ -49,13 +53,15 @@ def build(ctx) -> dict:
     with gr.Row():
         source = gr.Radio(SOURCES, value="default", label="Model source", scale=2)
         path = gr.Textbox(label="Path or hub id", placeholder="/path/to/folder, file.gguf or org/name", scale=3)
+        dtype = gr.Dropdown(DTYPES, value="auto", label="Precision", scale=1,
+                            info="auto: the checkpoint's own dtype")
         button = gr.Button("Load", variant="primary", scale=1)
     gr.Markdown("The default is SmolLM2-135M-Instruct from a Q4_1 GGUF: its first load dequantizes it once "
                 "(about 20 s) and caches it; later loads take seconds. Pickle `.bin` weights need `--allow-pickle`.",
                 elem_classes="wb-note")
     info = gr.Markdown(describe(store, None), elem_id="wb-model-info")
 
-    button.click(ctx.guard(lambda sid, src, p, progress=gr.Progress(): load(store, sid, src, p, progress)),
-                 inputs=[ctx.session, source, path], outputs=[info, ctx.changed], api_name="load_model", **ctx.heavy)
+    button.click(ctx.guard(lambda sid, src, p, dt, progress=gr.Progress(): load(store, sid, src, p, dt, progress)),
+                 inputs=[ctx.session, source, path, dtype], outputs=[info, ctx.changed], api_name="load_model", **ctx.heavy)
     ctx.changed.change(ctx.guard(lambda sid: describe(store, sid)), inputs=ctx.session, outputs=info, show_progress="hidden")
-    return {"source": source, "path": path, "load": button, "info": info}
+    return {"source": source, "path": path, "dtype": dtype, "load": button, "info": info}

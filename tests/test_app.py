@@ -135,8 +135,8 @@ def test_chart_values_states_and_click_toggle(store, sid):
 
     value, text = blocks.click(store, sid, "bi", 2)
     bar = json.loads(value)["data"][0]
-    assert bar["marker"]["color"][2] == blocks.COLOURS["pending"] and "selected: **2**" in text
-    assert bar["text"][2] == "pending drop"
+    assert bar["marker"]["color"][2] == blocks.COLOURS["selected"] and "selected: **2**" in text
+    assert bar["text"][2] == "selected"
     blocks.click(store, sid, "bi", 2)  # a second click deselects
     assert store.pending(sid) == []
 
@@ -366,10 +366,11 @@ def test_fuse_from_the_panel_lists_plain_removal_beside_it(store, sid):
     status, _ = blocks.apply(store, sid, "fuse", 4, 2, "gptq", 4, 64, progress=_no_progress)
     names = [v.name for v in store.variants(sid)]
     fused = store.current(sid)
-    plain = next(v for v in store.variants(sid) if v.name.endswith("plain removal"))
+    plain = store.variants(sid)[-1]
+    assert names == ["original", "v1", "v2"] and plain.description.startswith("plain removal of block 2")
     assert fused.overrides[2] is DROP and fused.replaced()  # neighbours replaced
     assert plain.dropped() == [2] and not plain.replaced() and plain is not fused
-    assert "plain removal" in status and len(names) == 3
+    assert "Plain removal of the same blocks → v2" in status and status.startswith("Fused block 2 into")
     assert store.quick(sid, plain)["kl"] >= 0
 
 

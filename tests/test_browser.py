@@ -50,6 +50,7 @@ def app_page(url: str, height: int = 1000):
             page = browser.new_page(viewport={"width": 1300, "height": height})
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url)
+            page.get_by_role("tab", name="Model").click()  # the app opens on the Workbench tab
             page.get_by_role("button", name="Load", exact=True).click()
             page.wait_for_selector("#wb-model-info:has-text('4 blocks')", timeout=120_000)
             yield page, errors
@@ -78,7 +79,7 @@ def test_click_a_bar_compare_and_export(app_url, tmp_path):
             page.locator("#wb-preview").filter(has_text="Preview").wait_for(timeout=120_000)
             page.screenshot(path=str(shots / "blocks.png"), full_page=True)
             page.locator("#wb-apply").click()
-            page.locator("#wb-status").filter(has_text="Applied").wait_for(timeout=120_000)
+            page.locator("#wb-status").filter(has_text="Pruned block 2 → v1").wait_for(timeout=120_000)
 
             # the comparison changed: variant v1 with 3 of 4 blocks and a positive KL
             page.get_by_role("tab", name="Compare").click()

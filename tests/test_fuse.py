@@ -310,3 +310,29 @@ def test_panel_fuse_summary_shows_each_block_and_its_curve():
     text = fuse_summary(report)
     assert "block 3 → [1, 2, 4]" in text and "4 → 1" in text and "`█▅▃▁`" in text  # levels int(7 * (x - 1) / 3): 7, 4, 2, 0
     assert fuse_summary({"op": "prune_blocks"}) == ""
+
+
+def test_relative_mse_loss_by_hand_and_as_the_steps_start_loss(tiny_lm):
+    """"nmse": per token ||s - t||^2 / ||t||^2, averaged over tokens (a hand loop); the step reports it at
+    step 0 for the plain-removal student, and "auto_nmse" switches to KL only for a group ending last."""
+    from workbench.engine.ops.fuse import group_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g) * 10
+    ref = sum(((s[b, i] - t[b, i]) ** 2).sum() / (t[b, i] ** 2).sum() for b in range(2) for i in range(3)) / 6
+    assert group_loss(s, t, "nmse").item() == pytest.approx(ref.item(), rel=1e-6)
+    lm = tiny_lm("llama", layers=6)
+    opts = dict(group=3, steps=2, lr=3e-2, **SMALL)
+    _, report, _ = FuseBlocks(blocks=[2], loss="auto_nmse", **opts).apply(_ctx(lm), original_variant(6))
+    rep = report["per_block"][0]
+    trace = trace_blocks(lm.model, lm.adapter, step_calib(lm, FuseBlocks(blocks=[2], **opts)))
+    blocks = lm.adapter.blocks(lm.model)
+    teacher, student = trace.inputs[1], trace.inputs[1]
+    for i in (1, 2, 3):
+        teacher = run_block(blocks[i], teacher, trace.calls[i])
+    for i in (1, 3):
+        student = run_block(blocks[i], student, trace.calls[i])
+    assert rep["loss"] == "nmse" and rep["group"] == [0, 1, 2, 3]  # block 0 feeds 1: starting at 1 is the same
+    assert rep["loss_start"] == pytest.approx(group_loss(student, teacher, "nmse").item(), rel=1e-5)
+    _, report, _ = FuseBlocks(blocks=[5], loss="auto_nmse", **opts).apply(_ctx(lm), original_variant(6))
+    assert report["per_block"][0]["loss"] == "kl"

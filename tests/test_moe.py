@@ -110,5 +110,13 @@ def test_moe_fusion_and_compressed_tensors_export_refuse_clearly(tiny_lm, tmp_pa
         apply_steps(ctx, original_variant(3), [step_from_dict({"op": "fuse_blocks", "blocks": [1]})])
     q = apply_steps(ctx, original_variant(3), [step_from_dict({"op": "quantize", "method": "rtn", "group_size": 32,
                                                               "blocks": [0]})])
+    # RTN (no calibration) reaches every expert slice too, each on its own grid; the router is kept
+    qe, oe = lm.adapter.experts(q.overrides[0]), lm.adapter.experts(lm.adapter.blocks(lm.model)[0])
+    scheme = solver.Scheme(bits=4, group_size=32, sym=False, act_order=None)
+    for name in ("gate_up_proj", "down_proj"):
+        for e in range(getattr(oe, name).shape[0]):
+            torch.testing.assert_close(getattr(qe, name)[e], solver.rtn(getattr(oe, name)[e], scheme).weight)
+    assert not torch.equal(qe.down_proj, oe.down_proj)
+    assert torch.equal(lm.adapter.router(q.overrides[0]).weight, lm.adapter.router(lm.adapter.blocks(lm.model)[0]).weight)
     with pytest.raises(ExportError, match="does not write mixture-of-experts"):
         export_compressed(lm, q, tmp_path / "ct", {})

@@ -237,7 +237,7 @@ def test_sequential_calibration_feeds_the_quantized_output(tiny_lm, calib_text):
     """Block 1's reported RTN error must be measured on inputs coming out of the *quantized* block 0."""
     lm = tiny_lm("llama", layers=3)
     ctx = _ctx(lm, calib_text)
-    v = _quantize(ctx, original_variant(3), method="rtn", bits=2, group_size=32, blocks=[0, 1])
+    v = _quantize(ctx, original_variant(3), method="rtn", bits=2, group_size=32, blocks=[0, 1], error_report=True)
     reported = v.reports[-1]["blocks"]["1"]["linears"]["o"]["rtn_error"]
 
     def o_input_hessian(variant):
@@ -268,7 +268,7 @@ def test_true_sequential_fits_later_linears_to_the_quantized_earlier_ones(tiny_l
     lm = tiny_lm("llama", layers=2)
     ctx = _ctx(lm, calib_text)
     v = _quantize(ctx, original_variant(2), method="rtn", bits=2, group_size=32, blocks=[0],
-                  true_sequential=true_sequential)
+                  true_sequential=true_sequential, error_report=True)
     assert v.reports[-1]["true_sequential"] is true_sequential
     reported = v.reports[-1]["blocks"]["0"]["linears"]
 
@@ -446,3 +446,27 @@ def test_act_order_default_resolves_per_method():
     assert step_from_dict({"op": "quantize"}).to_dict()["act_order"] == "weight"
     assert step_from_dict({"op": "quantize", "method": "rtn"}).to_dict()["act_order"] is None
     assert step_from_dict({"op": "quantize", "act_order": None}).to_dict()["act_order"] is None
+
+
+def test_rtn_without_error_report_makes_no_calibration_pass_and_the_same_weights(tiny_lm, calib_text, monkeypatch):
+    from workbench.engine.ops import quantize as Q
+
+    lm = tiny_lm("llama", layers=3)
+    ctx = _ctx(lm, calib_text)
+    with_report = _quantize(ctx, original_variant(3), method="rtn", bits=4, group_size=32, blocks=[0, 2],
+                            observer="mse", error_report=True)
+
+    def no_trace(*a, **k):
+        raise AssertionError("RTN without its error report must not trace calibration data")
+
+    monkeypatch.setattr(Q, "trace_blocks", no_trace)
+    monkeypatch.setattr(ctx, "calib_ids", no_trace)
+    plain = _quantize(ctx, original_variant(3), method="rtn", bits=4, group_size=32, blocks=[0, 2], observer="mse")
+    for i in (0, 2):
+        a, b = with_report.overrides[i].state_dict(), plain.overrides[i].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        ra, rb = with_report.reports[-1]["blocks"][str(i)], plain.reports[-1]["blocks"][str(i)]
+        assert ra["bytes_after"] == rb["bytes_after"] and ra["bits_per_weight"] == rb["bits_per_weight"]
+        assert rb["linears"]["o"]["error"] is None and ra["linears"]["o"]["error"] > 0
+    assert plain.reports[-1]["calibration_tokens"] == 0 and plain.reports[-1]["total"]["error"] is None
+    assert step_from_dict({"op": "quantize"}).to_dict()["error_report"] is False

@@ -55,7 +55,7 @@ from workbench.store import Store
 
 log = logging.getLogger(__name__)
 
-PANELS = ["model", "blocks", "influence", "compare", "export", "attention", "outliers", "map", "attribution", "sparsity"]
+PANELS = ["workbench", "model", "blocks", "influence", "compare", "export", "attention", "outliers", "map", "attribution", "sparsity"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 HEAVY = {"concurrency_id": "heavy", "concurrency_limit": 1}
@@ -173,9 +173,10 @@ def css() -> str:
 
 
 def launch(model: str | None = DEFAULT_MODEL, host: str = "127.0.0.1", port: int | None = 7860, device: str = "auto",
-           allow_pickle: bool = False, block: bool = True, **kwargs):
-    """Load the model first (so the page opens ready), then serve on host:port; never a share link."""
-    store = Store(default_model=model or DEFAULT_MODEL, device=device, allow_pickle=allow_pickle)
+           allow_pickle: bool = False, block: bool = True, load: dict | None = None, **kwargs):
+    """Load the model first (so the page opens ready), then serve on host:port; never a share link.
+    `load`: further load_model options (dtype, max_memory, offload_folder) for every model the app loads."""
+    store = Store(default_model=model or DEFAULT_MODEL, device=device, allow_pickle=allow_pickle, **(load or {}))
     store.model(store.default_model, progress=lambda f, m: print(f"[{f * 100:5.1f}%] {m}", flush=True))
     demo = build_app(model=store.default_model, device=device, store=store)
     demo.queue(default_concurrency_limit=4)

@@ -39,10 +39,22 @@ def one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    """How the model is loaded: device, precision, pickle permission (every command that loads one)."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype: auto = the checkpoint's own (a GGUF: the smallest that holds it exactly)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle .bin weights (runs code!)")
+
+
+def load_options(args) -> dict:
+    """load_model's keyword arguments from the parsed load flags."""
+    return {"device": args.device, "allow_pickle": args.allow_pickle, "dtype": getattr(args, "dtype", "auto")}
+
+
 def add_model_args(p: argparse.ArgumentParser, recipe: bool = True, calibration: bool = True) -> None:
     p.add_argument("--model", default=None, help="default | local folder | file.gguf | hub id (default: default)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle .bin weights (runs code!)")
+    add_load_args(p)
     if recipe:
         p.add_argument("--recipe", default=None, help="recipe JSON: analyse/evaluate the variant it makes")
     if calibration:
@@ -71,7 +83,7 @@ def open_session(args, quiet_calibration: bool = False):
             over[key] = getattr(args, flag)
     if over:
         calib = Calibration(**{**calib.to_dict(), **over})
-    lm = load_model(spec, device=args.device, allow_pickle=args.allow_pickle, progress=stderr_progress)
+    lm = load_model(spec, progress=stderr_progress, **load_options(args))
     variant = original_variant(lm.num_blocks)
     if recipe.steps:
         ctx = OpContext(lm=lm, calibration=calib, progress=stderr_progress)
@@ -114,7 +126,7 @@ def _print_human(doc: dict) -> None:
 def cmd_info(args) -> dict:
     from workbench.engine.loading import load_model
 
-    lm = load_model(args.model or "default", device=args.device, allow_pickle=args.allow_pickle, progress=stderr_progress)
+    lm = load_model(args.model or "default", progress=stderr_progress, **load_options(args))
     return document("info", args, lm, None, None, lm.info(), {"parameters": "count", "bytes": "bytes"})
 
 
@@ -163,7 +175,9 @@ def cmd_compress(args) -> dict:
 def cmd_app(args) -> int:
     from workbench.app import launch
 
-    launch(model=args.model, host=args.host, port=args.port, device=args.device, allow_pickle=args.allow_pickle)
+    opts = load_options(args)
+    launch(model=args.model, host=args.host, port=args.port, device=opts.pop("device"),
+           allow_pickle=opts.pop("allow_pickle"), load=opts)
     return 0
 
 
@@ -177,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--allow-pickle", action="store_true")
+    add_load_args(p)
     p.set_defaults(func=cmd_app, returns_code=True)
 
     p = sub.add_parser("info", help="architecture, blocks, parameters, device")

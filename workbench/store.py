@@ -52,13 +52,22 @@ class Session:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
+DTYPE_SEP = "@dtype="
+
+
+def model_key(spec: str, dtype: str | None) -> str:
+    """The store's key for a checkpoint loaded in `dtype` (None / auto: the store's own choice)."""
+    return f"{spec}{DTYPE_SEP}{dtype}" if dtype and dtype != "auto" else spec
+
+
 class Store:
     """Models shared by spec; sessions by id. Thread-safe for the operations the app performs."""
 
-    def __init__(self, default_model: str = DEFAULT_MODEL, device: str = "auto", allow_pickle: bool = False):
+    def __init__(self, default_model: str = DEFAULT_MODEL, device: str = "auto", allow_pickle: bool = False, **load):
         self.default_model = default_model
         self.device = device
         self.allow_pickle = allow_pickle
+        self.load_options = load  # further load_model options: dtype, max_memory, offload_folder
         self._models: dict[str, LoadedModel] = {}
         self._sessions: dict[str, Session] = {}
         self._model_lock = threading.Lock()
@@ -74,12 +83,18 @@ class Store:
         return spec
 
     def model(self, spec: str | None = None, progress=_quiet) -> LoadedModel:
-        spec = (spec or self.default_model).strip()
+        """The model for `spec`, loaded once. `spec@dtype` (the Model panel's precision choice, see
+        model_key) is the same checkpoint loaded in that dtype, another model."""
+        key = (spec or self.default_model).strip()
+        spec, _, dtype = key.partition(DTYPE_SEP)
         with self._model_lock:  # one load at a time; the second asker gets the cached model
-            lm = self._models.get(spec)
+            lm = self._models.get(key)
             if lm is None:
-                lm = load_model(spec, device=self.device, allow_pickle=self.allow_pickle, progress=progress)
-                self._models[spec] = lm
+                opts = dict(self.load_options)
+                if dtype and dtype != "auto":
+                    opts["dtype"] = dtype
+                lm = load_model(spec, device=self.device, allow_pickle=self.allow_pickle, progress=progress, **opts)
+                self._models[key] = lm
             return lm
 
     def loaded_specs(self) -> list[str]:
@@ -114,10 +129,10 @@ class Store:
             raise SessionError("this browser session has expired: reload the page")
         return s
 
-    def attach(self, sid: str, spec: str | None = None, progress=_quiet) -> LoadedModel:
+    def attach(self, sid: str, spec: str | None = None, progress=_quiet, dtype: str | None = None) -> LoadedModel:
         """Load (or reuse) a model and make it the session's; a different model resets its variants."""
         s = self.session(sid)
-        spec = (spec or self.default_model).strip()
+        spec = model_key((spec or self.default_model).strip(), dtype)
         lm = self.model(spec, progress)
         if s.spec != spec or s.current is None:
             root = original_variant(lm.num_blocks)

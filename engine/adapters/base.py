@@ -118,10 +118,15 @@ class Adapter:
         norm = self.final_norm(model)
         if norm is not None:
             hidden = norm(hidden)
+        return self.logits(model, hidden)
+
+    def logits(self, model: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+        """LM head alone (and the logit soft-cap where the family has one) on hidden states that went
+        through the final norm already, as the base model returns them -> logits (float32)."""
         head = self.lm_head(model)
         if head is None:
             raise UnsupportedArchitecture(f"{self.family} has no language-model head")
-        logits = head(hidden)
+        logits = head(normed)
         softcap = getattr(model.config, "final_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap

@@ -40,7 +40,7 @@ from .fuse_linear import COEF_MODES, FuseLinear
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-LOSSES = ("auto", "mse", "kl")
+LOSSES = ("auto", "mse", "kl", "nmse", "auto_nmse")
 
 
 # ---- pure helpers ---------------------------------------------------------------------------------
@@ -54,10 +54,15 @@ def neighbour_window(kept: list[int], b: int, group: int) -> tuple[list[int], li
 
 
 def group_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, head=None) -> torch.Tensor:
-    """MSE over the hidden dim (mean over tokens), or KL(teacher || student) of the next-token
-    distributions per token (`head` maps hidden states to logits)."""
+    """MSE over the hidden dim (mean over tokens); "nmse": each token's squared error relative to the
+    teacher's squared norm at that token, averaged over tokens (a few tokens with massive activations
+    dominate the plain MSE and say little about the next-token distribution); or KL(teacher || student)
+    of the next-token distributions per token (`head` maps hidden states to logits)."""
     if kind == "mse":
         return F.mse_loss(student.float(), teacher.float())
+    if kind == "nmse":
+        t = teacher.float()
+        return ((student.float() - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)).mean()
     logp_s = F.log_softmax(head(student).float(), dim=-1)  # (B, T, V)
     with torch.no_grad():
         logp_t = F.log_softmax(head(teacher).float(), dim=-1)
@@ -100,7 +105,7 @@ class FuseBlocks(Step):
     lr_other: float = 1e-4  # norm gains / LoRA
     warmup: int = 2  # steps of linear warm-up before the cosine decay (Adam's first steps overshoot)
     train_norms: bool = True
-    loss: str = "auto"  # "auto": MSE, or KL where the group ends at the last block
+    loss: str = "auto"  # "auto": MSE, or KL where the group ends at the last block; "auto_nmse": nmse there
     patience: int = 10  # steps without a 0.1 % better (smoothed) loss before stopping; 0 = never
     mi_samples: int = 2  # calibration windows (of the training ones) for Macro Influence in `k` mode
     dtype: str = "fp32"  # "bf16": autocast the group's forward (CUDA)
@@ -198,7 +203,9 @@ class FuseBlocks(Step):
         if not neighbours:
             raise BlockIndexError(f"step 'fuse_blocks': block {b} has no neighbour left to fuse into")
         ends_last = group[-1] == kept[-1]
-        kind = self.loss if self.loss != "auto" else ("kl" if ends_last and lm.adapter.lm_head(lm.model) else "mse")
+        auto = {"auto": "mse", "auto_nmse": "nmse"}
+        kind = (("kl" if ends_last and lm.adapter.lm_head(lm.model) else auto[self.loss]) if self.loss in auto
+                else self.loss)
         if kind == "kl" and not ends_last:
             raise RecipeError("step 'fuse_blocks': loss 'kl' needs a group that ends at the last block")
         x = stream.input_of(variant, group[0])  # (N, T, d) what the current variant feeds the group

@@ -83,6 +83,9 @@ class Quantize(Step):
     observer: str = "minmax"  # "mse": each group's range is searched (shrunk) to fit its weights best
     true_sequential: bool = False  # re-collect each later stage's Hessian after the earlier stages are quantized
     hessian_shrink: float = 0.0  # GPTQ: H <- (1 - a) H + a diag(H) before the solve (see gptq.prepare_hessian)
+    # RTN needs no data: only its error report (tr(dW H dW^T) per linear) needs the calibration pass,
+    # so it runs only when asked. GPTQ always has it (its solve needs the Hessians anyway).
+    error_report: bool = False
 
     def __post_init__(self):
         if self.act_order == "auto":
@@ -106,6 +109,8 @@ class Quantize(Step):
             raise RecipeError(f"step 'quantize': 'hessian_shrink' must be a number in [0, 1], got {self.hessian_shrink!r}")
         if not isinstance(self.true_sequential, bool):
             raise RecipeError(f"step 'quantize': 'true_sequential' must be true or false, got {self.true_sequential!r}")
+        if not isinstance(self.error_report, bool):
+            raise RecipeError(f"step 'quantize': 'error_report' must be true or false, got {self.error_report!r}")
         if self.observer not in solver.OBSERVERS:
             raise RecipeError(f"step 'quantize': 'observer' must be one of {', '.join(solver.OBSERVERS)}, got {self.observer!r}")
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not 0 <= self.damp < 1:
@@ -127,8 +132,11 @@ class Quantize(Step):
         dropped = [b for b in blocks if variant.overrides.get(b) is DROP]
         if dropped:
             raise RecipeError(f"step 'quantize': block {dropped[0]} is dropped in this variant; it cannot be quantized")
-        new, report = quantize_blocks(ctx, variant, blocks, self.scheme(), self.method,
-                                      true_sequential=self.true_sequential)
+        if self.method == "rtn" and not self.error_report:
+            new, report = rtn_blocks(ctx, variant, blocks, self.scheme())
+        else:
+            new, report = quantize_blocks(ctx, variant, blocks, self.scheme(), self.method,
+                                          true_sequential=self.true_sequential)
         resolved = self.to_dict()
         resolved["blocks"] = blocks
         return new, report, resolved
@@ -296,16 +304,21 @@ def quantize_block(block: nn.Module, adapter, hidden: torch.Tensor, call: BlockC
     return q_block, report
 
 
+def _check_expert_groups(experts, scheme: solver.Scheme) -> None:
+    if scheme.group_size == -1:
+        return
+    for name in ("gate_up_proj", "down_proj"):
+        cols = getattr(experts, name).shape[-1]
+        if cols % scheme.group_size:
+            raise RecipeError(f"step 'quantize': group_size {scheme.group_size} does not divide the input width "
+                              f"{cols} of the experts' {name}; use group_size -1 (per channel)")
+
+
 def _quantize_experts(q_block, experts, hidden, call, scheme: solver.Scheme, method: str):
     """Per-expert GPTQ (or RTN) of an MoE block's 3-D expert tensors; the router is left alone."""
     from ..adapters.experts import RoutedInputs, quantize_experts
 
-    if scheme.group_size != -1:
-        for name in ("gate_up_proj", "down_proj"):
-            cols = getattr(experts, name).shape[-1]
-            if cols % scheme.group_size:
-                raise RecipeError(f"step 'quantize': group_size {scheme.group_size} does not divide the input width "
-                                  f"{cols} of the experts' {name}; use group_size -1 (per channel)")
+    _check_expert_groups(experts, scheme)
     routed = RoutedInputs(experts)
     with hooks(routed.handle()):
         _run(q_block, hidden, call)
@@ -322,6 +335,101 @@ def _quantize_experts(q_block, experts, hidden, call, scheme: solver.Scheme, met
     return rep, experts.gate_up_proj.numel() + experts.down_proj.numel(), nb
 
 
+def _record(mod: nn.Module, res, scheme: solver.Scheme, method: str) -> int:
+    """Write a solver result into the linear (its own dtype) with its record. -> packed bytes."""
+    set_linear_weight(mod, res.weight)
+    mod.workbench_quant = QuantRecord(
+        codes=res.codes, scale=res.scale, zero=res.zero, g_idx=res.g_idx, bits=scheme.bits,
+        group_size=scheme.group_size, sym=scheme.sym, act_order=scheme.act_order, method=method,
+    )
+    rows, cols = linear_weight(mod).shape
+    scale_bytes = mod.weight.element_size() if mod.weight.element_size() <= 4 else 4
+    return solver.packed_nbytes(rows, cols, scheme, scale_bytes=scale_bytes)
+
+
+@torch.no_grad()
+def rtn_block(block: nn.Module, adapter, scheme: solver.Scheme) -> tuple[nn.Module, dict]:
+    """Round-to-nearest of every linear of a copy of `block`, without data. -> (replacement, report);
+    the report has sizes but no errors (those need the calibration pass: `error_report`)."""
+    q_block = copy_block(block)
+    linears = adapter.linears(q_block)
+    per_linear, n_weights, q_bytes, done = {}, 0, 0, set()
+    for name, mod in linears.items():
+        W = linear_weight(mod).detach()
+        nb = _record(mod, solver.rtn(W, scheme), scheme, "rtn")
+        rows, cols = W.shape
+        per_linear[name] = {"shape": [rows, cols], "error": None, "rtn_error": None, "relative_error": None,
+                            "rtn_relative_error": None, "bits_per_weight": 8 * nb / (rows * cols)}
+        done.add(id(mod.weight))
+        n_weights += W.numel()
+        q_bytes += nb
+    experts = adapter.experts(q_block) if getattr(adapter, "is_moe", False) else None
+    if experts is not None:  # every expert slice on its own grid; the router is left alone
+        _check_expert_groups(experts, scheme)
+        for name in ("gate_up_proj", "down_proj"):
+            t = getattr(experts, name)
+            for e in range(t.shape[0]):
+                t.data[e] = solver.rtn(t[e].detach(), scheme).weight.to(t.dtype)
+            q_bytes += solver.packed_nbytes(*t.shape[1:], scheme, scale_bytes=min(t.element_size(), 4)) * t.shape[0]
+            n_weights += t.numel()
+            done.add(id(t))
+    orig_bytes = _param_bytes(block, set())
+    q_block.workbench_nbytes = q_bytes + _param_bytes(q_block, done)
+    return q_block, {"linears": per_linear, "bits_per_weight": 8 * q_bytes / max(n_weights, 1),
+                     "quantized_weights": n_weights, "bytes_before": orig_bytes,
+                     "bytes_after": q_block.workbench_nbytes, "bytes_saved": orig_bytes - q_block.workbench_nbytes}
+
+
+@torch.no_grad()
+def rtn_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme: solver.Scheme) -> tuple[Variant, dict]:
+    """RTN of `blocks` without a calibration pass: each block's weights alone decide its grid, so no
+    trace is made (the same weights as quantize_blocks' RTN, which also measures the errors)."""
+    lm = ctx.lm
+    check_group_size(lm, variant, blocks, scheme)
+    t0 = time.perf_counter()
+    new = variant.derive()
+    per_block = {}
+    for done, i in enumerate(blocks):
+        ctx.report(done / len(blocks), f"quantize: block {i} (rtn {scheme.bits}-bit, no calibration)")
+        src = _source_module(lm, variant, i)
+        q_block, per_block[i] = rtn_block(src, lm.adapter, scheme)
+        object.__setattr__(q_block, "workbench_quant_source", src)
+        new.overrides[i] = q_block
+        new.tags[i] = _tag(scheme.bits, scheme.group_size)
+    report = _report("rtn", scheme, per_block, 0, sequential=False, true_sequential=False, t0=t0)
+    ctx.report(1.0, f"quantize: {len(per_block)} blocks done")
+    return new, report
+
+
+def _report(method, scheme, per_block, calibration_tokens, sequential, true_sequential, t0) -> dict:
+    n_w = sum(r["quantized_weights"] for r in per_block.values())
+    bits_total = sum(r["bits_per_weight"] * r["quantized_weights"] for r in per_block.values())
+    errors = [e["error"] for r in per_block.values() for e in r["linears"].values()]
+    rtn_errors = [e["rtn_error"] for r in per_block.values() for e in r["linears"].values()]
+    return {
+        "op": "quantize",
+        "method": method,
+        "scheme": {"bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym,
+                   "act_order": scheme.act_order, "damp": scheme.damp, "observer": scheme.observer,
+                   "hessian_shrink": scheme.shrink},
+        "blocks": {str(i): r for i, r in sorted(per_block.items())},
+        "total": {
+            "blocks": len(per_block),
+            "quantized_weights": n_w,
+            "bits_per_weight": bits_total / max(n_w, 1),
+            "bytes_before": sum(r["bytes_before"] for r in per_block.values()),
+            "bytes_after": sum(r["bytes_after"] for r in per_block.values()),
+            "bytes_saved": sum(r["bytes_saved"] for r in per_block.values()),
+            "error": None if None in errors else sum(errors),
+            "rtn_error": None if None in rtn_errors else sum(rtn_errors),
+        },
+        "calibration_tokens": int(calibration_tokens),
+        "sequential": sequential,
+        "true_sequential": true_sequential,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
 def _solve_linear(name: str, mod: nn.Module, collector: HessianCollector, scheme: solver.Scheme,
                   method: str) -> tuple[dict, int]:
     """Quantize one linear in place with its Hessian from `collector`. -> (report entry, packed bytes)."""
@@ -330,14 +438,8 @@ def _solve_linear(name: str, mod: nn.Module, collector: HessianCollector, scheme
     rtn_res = solver.rtn(W, scheme, hessian=H)
     res = rtn_res if method == "rtn" else solver.gptq(W, H, scheme, grid=(rtn_res.scale, rtn_res.zero))
     base = solver.objective(W, torch.zeros_like(W), H)  # tr(W H W^T): the output energy
-    set_linear_weight(mod, res.weight)
-    mod.workbench_quant = QuantRecord(
-        codes=res.codes, scale=res.scale, zero=res.zero, g_idx=res.g_idx, bits=scheme.bits,
-        group_size=scheme.group_size, sym=scheme.sym, act_order=scheme.act_order, method=method,
-    )
+    nb = _record(mod, res, scheme, method)
     rows, cols = W.shape
-    scale_bytes = mod.weight.element_size() if mod.weight.element_size() <= 4 else 4
-    nb = solver.packed_nbytes(rows, cols, scheme, scale_bytes=scale_bytes)
     entry = {
         "shape": [rows, cols],
         "error": res.error,
@@ -392,29 +494,6 @@ def quantize_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme:
                 module = q_block  # the quantized output feeds the next block
             done += 1
         h = _run(module, h, call)
-    n_w = sum(r["quantized_weights"] for r in per_block.values())
-    bits_total = sum(r["bits_per_weight"] * r["quantized_weights"] for r in per_block.values())
-    report = {
-        "op": "quantize",
-        "method": method,
-        "scheme": {"bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym,
-                   "act_order": scheme.act_order, "damp": scheme.damp, "observer": scheme.observer,
-                   "hessian_shrink": scheme.shrink},
-        "blocks": {str(i): r for i, r in sorted(per_block.items())},
-        "total": {
-            "blocks": len(per_block),
-            "quantized_weights": n_w,
-            "bits_per_weight": bits_total / max(n_w, 1),
-            "bytes_before": sum(r["bytes_before"] for r in per_block.values()),
-            "bytes_after": sum(r["bytes_after"] for r in per_block.values()),
-            "bytes_saved": sum(r["bytes_saved"] for r in per_block.values()),
-            "error": sum(e["error"] for r in per_block.values() for e in r["linears"].values()),
-            "rtn_error": sum(e["rtn_error"] for r in per_block.values() for e in r["linears"].values()),
-        },
-        "calibration_tokens": int(ids.numel()),
-        "sequential": sequential,
-        "true_sequential": true_sequential,
-        "seconds": time.perf_counter() - t0,
-    }
+    report = _report(method, scheme, per_block, ids.numel(), sequential, true_sequential, t0)
     ctx.report(1.0, f"quantize: {len(per_block)} blocks done")
     return new, report
