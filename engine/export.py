@@ -170,8 +170,13 @@ def has_quantized_blocks(lm: LoadedModel, variant: Variant) -> bool:
 
 
 def default_format(lm: LoadedModel, variant: Variant) -> str:
-    """compressed-tensors for a variant with quantized blocks, dense for any other."""
-    return "compressed-tensors" if has_quantized_blocks(lm, variant) else "dense"
+    """compressed-tensors for a variant with quantized blocks (gguf when every quantized linear was
+    solved for a GGUF scheme: its codes go into the file as they are), dense for any other."""
+    model = view_model(lm.model, lm.adapter, variant)
+    recs = [m.workbench_quant for m in model.modules() if getattr(m, "workbench_quant", None) is not None]
+    if not recs:
+        return "dense"
+    return "gguf" if all(getattr(r, "gguf", None) for r in recs) else "compressed-tensors"
 
 
 def export_any(lm: LoadedModel, variant: Variant, out_dir: str | Path, recipe: dict, fmt: str | None = None,

@@ -78,6 +78,11 @@ def check_exportable(lm: LoadedModel, variant: Variant) -> None:
                 f"{name} is a {type(m).__name__}, not nn.Linear: compressed-tensors packs only nn.Linear weights "
                 "(GPT-2's Conv1D included); use the dense export"
             )
+        if getattr(rec, "gguf", None) and not rec.sym:
+            raise ExportError(
+                f"{name} uses the GGUF scheme {rec.gguf}, which decodes d*q + m with m rounded to float16: "
+                "compressed-tensors' zero points cannot store that exactly; use the gguf or the dense export"
+            )
         if rec.act_order == "group":
             raise ExportError(
                 f"{name} was quantized with act_order 'group', whose g_idx compressed-tensors 0.20 no longer "

@@ -46,7 +46,9 @@ def _state_colour(state: str) -> str:
 def chart_figure(store, sid: str | None, metric: str, progress=None) -> dict:
     """The plotly figure (plain JSON) of per-block scores, bars coloured by each block's state."""
     if not sid or store.session(sid).spec is None:
-        return {"data": [], "layout": {"title": {"text": "load a model"}, "height": 340}}
+        from workbench.panels.chart import placeholder
+
+        return placeholder("Load a model (Model tab) to see its blocks")
     scores = store.scores(sid, metric, progress=progress)
     variant, pending = store.current(sid), set(store.pending(sid))
     values = scores["values"]
@@ -240,7 +242,7 @@ def build(ctx) -> dict:
     with gr.Row():
         clear_b = gr.Button("Clear selection")
         apply_b = gr.Button("Apply", variant="primary", elem_id="wb-apply")
-        cancel_b = gr.Button("Cancel job", variant="stop")
+        cancel_b = gr.Button("Cancel job", variant="stop", visible=False)  # shown only while a job runs
         undo_b = gr.Button("Undo", elem_id="wb-undo")
     with gr.Row():
         k = gr.Number(2, label="Suggest: how many blocks", precision=0, minimum=1, scale=1)
@@ -259,16 +261,19 @@ def build(ctx) -> dict:
                 [sid, metric], [chart, selection], show_progress="hidden").then(
         g(lambda s, m: preview_text(store, s, m)), [sid, mode], preview, show_progress="hidden")
     clear_b.click(g(lambda s, m: clear(store, s, m)), [sid, metric], [chart, selection, preview], show_progress="hidden")
-    apply_b.click(g(lambda s, *a, progress=gr.Progress(): apply(store, s, *a, progress=progress)),
-                  [sid, mode, rank, fsteps, method, bits, group, observer, shrink], [status, ctx.changed], api_name="apply",
-                  **ctx.heavy)
+    shown, hidden = (lambda: gr.update(visible=True)), (lambda: gr.update(visible=False))
+    apply_b.click(shown, None, cancel_b, queue=False, show_progress="hidden").then(
+        g(lambda s, *a, progress=gr.Progress(): apply(store, s, *a, progress=progress)),
+        [sid, mode, rank, fsteps, method, bits, group, observer, shrink], [status, ctx.changed], api_name="apply",
+        **ctx.heavy).then(hidden, None, cancel_b, show_progress="hidden")
     cancel_b.click(g(lambda s: store.cancel(s)), sid, None, show_progress="hidden")
     undo_b.click(g(lambda s: undo(store, s)), sid, [status, ctx.changed], api_name="undo", **ctx.heavy)
     refresh = g(lambda s, m, progress=gr.Progress(): (chart_value(store, s, m, _pf(progress)), selection_text(store, s), ""))
     metric.change(refresh, [sid, metric], [chart, selection, preview], **ctx.heavy)
     ctx.changed.change(refresh, [sid, metric], [chart, selection, preview], **ctx.heavy)
-    suggest_b.click(g(lambda s, m, n, progress=gr.Progress(): suggest(store, s, m, n, progress)), [sid, metric, k],
-                    [chart, selection, status], **ctx.heavy).then(
+    suggest_b.click(shown, None, cancel_b, queue=False, show_progress="hidden").then(
+        g(lambda s, m, n, progress=gr.Progress(): suggest(store, s, m, n, progress)), [sid, metric, k],
+        [chart, selection, status], **ctx.heavy).then(hidden, None, cancel_b, show_progress="hidden").then(
         g(lambda s, m: preview_text(store, s, m)), [sid, mode], preview, show_progress="hidden")
     for box, event in ((samples, "submit"), (seq_len, "submit"), (samples, "blur"), (seq_len, "blur")):
         getattr(box, event)(g(lambda s, m, n, t, progress=gr.Progress(): set_calibration(store, s, m, n, t, progress)),

@@ -8,6 +8,23 @@ from pathlib import Path
 import gradio as gr
 
 
+def placeholder(text: str, height: int = 340) -> dict:
+    """An empty chart that says what to do, as plotly JSON: no empty axes, no grid, one centred line."""
+    return {"data": [], "layout": {"height": height, "xaxis": {"visible": False}, "yaxis": {"visible": False},
+                                   "plot_bgcolor": "rgba(0,0,0,0)", "paper_bgcolor": "rgba(0,0,0,0)",
+                                   "annotations": [{"text": text, "showarrow": False, "xref": "paper", "yref": "paper",
+                                                    "x": 0.5, "y": 0.5, "font": {"size": 14, "color": "#666"}}]}}
+
+
+def placeholder_figure(text: str, height: int = 300):
+    """`placeholder` as a plotly Figure, for gr.Plot components."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.update_layout(placeholder(text, height)["layout"])
+    return fig
+
+
 def click_bridge_js() -> str:
     """The chart script with plotly.js's local URL filled in (the file is added to the static paths)."""
     import plotly

@@ -133,31 +133,25 @@ def figures_table(store, sid: str | None) -> str:
 def variant_choices(store, sid: str | None) -> list[tuple[str, int]]:
     if not sid or store.session(sid).spec is None:
         return []
+    from workbench.panels.workbench import describe_steps
+
     cur = store.current(sid)
     out = []
     for v in store.variants(sid):
         q = store.quick(sid, v)
         mark = " ◀ current" if v is cur else ""
-        out.append((f"{v.name}: {len(v.kept())}/{v.num_blocks} blocks, KL {q['kl']:.4f}, {q['bytes'] / 2**20:.0f} MiB{mark}", v.id))
+        what = getattr(v, "description", "") or describe_steps(v)
+        out.append((f"{v.name}: {what} · {len(v.kept())}/{v.num_blocks} blocks, KL {q['kl']:.4f}, "
+                    f"{q['bytes'] / 2**20:.0f} MiB{mark}", v.id))
     return out
 
 
 def variants_plot(store, sid: str | None):
-    """One plot of all the session's variants: size (MiB) against quick KL."""
-    import plotly.graph_objects as go
+    """One plot of all the session's variants: size (MiB) against quick KL, axes fitted to every one of
+    them, the Pareto front marked (the Workbench tab's plot)."""
+    from workbench.panels.workbench import plot_of, variants_figure
 
-    fig = go.Figure()
-    if sid and store.session(sid).spec is not None:
-        vs, cur = store.variants(sid), store.current(sid)
-        qs = [store.quick(sid, v) for v in vs]
-        fig.add_scatter(x=[q["bytes"] / 2**20 for q in qs], y=[q["kl"] for q in qs], mode="markers+text",
-                        text=[v.name for v in vs], textposition="top center",
-                        marker={"size": [16 if v is cur else 10 for v in vs],
-                                "color": ["#E45756" if v is cur else "#4C78A8" for v in vs]},
-                        hovertemplate="%{text}<br>%{x:.1f} MiB<br>KL %{y:.4f}<extra></extra>")
-    fig.update_layout(height=320, margin={"l": 50, "r": 10, "t": 30, "b": 40}, title="variants: size against quality",
-                      xaxis_title="size (MiB)", yaxis_title="KL(original ‖ variant), quick set (lower is better)")
-    return fig
+    return plot_of(variants_figure(store, sid))
 
 
 def refresh(store, sid: str | None):
@@ -208,7 +202,7 @@ def build(ctx) -> dict:
     with gr.Row():
         max_tokens = gr.Number(4096, label="Full evaluation: max tokens", precision=0, minimum=256, scale=2)
         full_b = gr.Button("Full evaluation", scale=1)
-        cancel_b = gr.Button("Cancel", variant="stop", scale=1)
+        cancel_b = gr.Button("Cancel", variant="stop", scale=1, visible=False)
 
     def gen(s: str, p: str, n: int):
         yield from generate_pair(store, s, p, n)
@@ -223,8 +217,10 @@ def build(ctx) -> dict:
     ctx.changed.change(g(auto_gen), [sid, auto, prompt, max_new], [out_o, out_v, speed], **gen_kw)
     switch_b.click(g(lambda s, v: switch(store, s, v)), [sid, variants], ctx.changed, **ctx.heavy)
     undo_b.click(g(lambda s: (store.undo(s), ctx.token())[1]), sid, ctx.changed, **ctx.heavy)
-    full_b.click(g(lambda s, m, progress=gr.Progress(): full_evaluation(store, s, m, progress)), [sid, max_tokens], table,
-                 api_name="full_eval", **ctx.heavy)
+    shown, hidden = (lambda: gr.update(visible=True)), (lambda: gr.update(visible=False))
+    full_b.click(shown, None, cancel_b, queue=False, show_progress="hidden").then(
+        g(lambda s, m, progress=gr.Progress(): full_evaluation(store, s, m, progress)), [sid, max_tokens], table,
+        api_name="full_eval", **ctx.heavy).then(hidden, None, cancel_b, show_progress="hidden")
     cancel_b.click(g(lambda s: store.cancel(s)), sid, None, show_progress="hidden")
     return {"prompt": prompt, "original": out_o, "variant": out_v, "table": table, "plot": plot,
             "variants": variants, "full_eval": full_b, "speed": speed}

@@ -75,7 +75,9 @@ def hover_extra(others: dict[str, list], i: int) -> str:
 def heatmap_figure(runs: dict | None) -> dict:
     """Plotly JSON: rows n = 1..P (run length), columns the run's first block (original index)."""
     if not runs:
-        return {"data": [], "layout": {"title": {"text": "press Compute"}, "height": 420}}
+        from workbench.panels.chart import placeholder
+
+        return placeholder("Press Compute to draw the angular-distance heatmap", 420)
     blocks = runs["blocks"]
     p = len(blocks)
     labels = [str(b) for b in blocks]

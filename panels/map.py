@@ -10,7 +10,7 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from workbench.engine.analysis.embedding_map import HEAD_FEATURES, analyze_map
-from workbench.panels.chart import click_bridge_js
+from workbench.panels.chart import click_bridge_js, placeholder
 
 TITLE = "Map"
 
@@ -103,7 +103,7 @@ def build(ctx) -> dict:
         go_b = gr.Button("Compute map (calibration data)", variant="primary", elem_id="wb-map-go")
     note = gr.Markdown(elem_id="wb-map-note")
     with gr.Row():
-        bfig = gr.HTML(json.dumps({"data": [], "layout": {"height": 420, "title": {"text": "compute the map"}}}),
+        bfig = gr.HTML(json.dumps(placeholder("Press Compute map to place the blocks", 420)),
                        html_template='<div class="wb-chart"></div>', js_on_load=js, min_height=420,
                        elem_id="wb-map-blocks")
         hfig = gr.Plot(label="Heads")

@@ -10,29 +10,38 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from workbench.engine.analysis.outliers import MODULE_LABELS, MODULES, outlier_blocks, outlier_stats_cached
+from workbench.engine.errors import WorkbenchError
 from workbench.panels.chart import click_bridge_js
 
 TITLE = "Outliers"
 HEAD_CODE = 1000  # a heatmap cell's customdata = block * HEAD_CODE + head (the click bridge sends one number)
 
 
-def noop_figure(stats: dict, score: str = "noop_first") -> dict:
-    """Layers x heads heatmap of a no-op score as plotly JSON (drawn by the click bridge)."""
-    rows = [(i, v) for i, v in enumerate(stats[score]) if v is not None]
-    if not rows:
-        return {"data": [], "layout": {"title": {"text": "no delimiter was visible to any query"}, "height": 300}}
-    z = [v for _, v in rows]
-    blocks = [i for i, _ in rows]
-    H = len(z[0])
-    code = [[i * HEAD_CODE + h for h in range(H)] for i in blocks]
+def noop_figure(stats: dict | None, score: str = "noop_first") -> dict:
+    """Layers x heads heatmap of a no-op score as plotly JSON (drawn by the click bridge). Every block has
+    a row, a categorical one, so a dropped block is an empty labelled row, never filled in by its
+    neighbours' colours; its cells carry code -1 (a click there opens nothing)."""
+    from workbench.panels.chart import placeholder
+
+    if not stats or not stats.get(score):
+        return placeholder("Press Compute on calibration data to see the no-op heatmap", 300)
+    values = stats[score]
+    if all(v is None for v in values):
+        what = "delimiter (. , ; : newline ...)" if score == "noop_delim" else "first token"
+        return placeholder(f"No {what} was visible to any query in the calibration text: nothing to score", 300)
+    H = len(next(v for v in values if v is not None))
+    z = [v if v is not None else [None] * H for v in values]
+    labels = [f"{i}" if v is not None else f"{i} (dropped)" for i, v in enumerate(values)]
+    code = [[i * HEAD_CODE + h if v is not None else -1 for h in range(H)] for i, v in enumerate(values)]
     what = "first token" if score == "noop_first" else "delimiters (. , ; : newline ...)"
-    trace = {"type": "heatmap", "z": z, "x": list(range(H)), "y": blocks, "customdata": code, "colorscale": "Magma",
-             "zmin": 0, "zmax": 1, "hovertemplate": "block %{y}, head %{x}<br>mass %{z:.3f}<extra></extra>"}
-    layout = {"height": max(300, 18 * len(blocks) + 90), "margin": {"l": 60, "r": 10, "t": 40, "b": 40},
+    trace = {"type": "heatmap", "z": z, "x": list(range(H)), "y": labels, "customdata": code, "colorscale": "Magma",
+             "zmin": 0, "zmax": 1, "hoverongaps": False, "xgap": 1, "ygap": 1,
+             "hovertemplate": "block %{y}, head %{x}<br>mass %{z:.3f}<extra></extra>"}
+    layout = {"height": max(300, 18 * len(values) + 90), "margin": {"l": 90, "r": 10, "t": 40, "b": 40},
               "title": {"text": f"No-op score: mean attention mass on the {what} (queries t >= 1); click a head to open its map",
                         "font": {"size": 12}},
-              "xaxis": {"title": {"text": "head"}, "dtick": 1}, "yaxis": {"title": {"text": "block (original index)"}, "dtick": 1,
-                                                                         "autorange": "reversed"}}
+              "xaxis": {"title": {"text": "head"}, "dtick": 1},
+              "yaxis": {"title": {"text": "block (original index)"}, "type": "category", "autorange": "reversed"}}
     return {"data": [trace], "layout": layout}
 
 
@@ -83,6 +92,8 @@ def open_head(store, sid, code: int, prompt: str | None = None):
 
     from .attention import head_figure, pagerank_figure
 
+    if int(code) < 0:
+        raise WorkbenchError("that block is dropped in the current variant: it has no heads to open")
     block, head = divmod(int(code), HEAD_CODE)
     with store.using(sid) as lm:
         cap, rep = cached_attention(lm, store.current(sid), prompt or None)
@@ -100,7 +111,7 @@ def build(ctx) -> dict:
         score = gr.Radio([("first token", "noop_first"), ("delimiters", "noop_delim")], value="noop_first",
                          label="No-op score")
         go_b = gr.Button("Compute on calibration data", variant="primary", elem_id="wb-outliers-go")
-    heat = gr.HTML(json.dumps(noop_figure({"noop_first": []})), html_template='<div class="wb-chart"></div>',
+    heat = gr.HTML(json.dumps(noop_figure(None)), html_template='<div class="wb-chart"></div>',
                    js_on_load=js, min_height=300, elem_id="wb-noop")
     with gr.Row():
         hmap = gr.Plot(label="Clicked head", elem_id="wb-noop-head")

@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 
 from workbench.engine.analysis import sparsity as sp
 from workbench.engine.errors import RecipeError
-from workbench.panels.chart import click_bridge_js
+from workbench.panels.chart import click_bridge_js, placeholder, placeholder_figure
 
 TITLE = "Sparsity"
 COLORS = {"magnitude": "#1f77b4", "wanda": "#d62728"}
@@ -36,7 +36,7 @@ def decode(code: int) -> tuple[str, float, str]:
 def figure(res: dict | None, log_y: bool = True) -> dict:
     """Curves (x = measured sparsity, y = perplexity), N:M marked points, dense band, knees (plotly JSON)."""
     if not res:
-        return {"data": [], "layout": {"height": 380, "title": {"text": "Run a sweep to draw the curves", "font": {"size": 12}}}}
+        return placeholder("Run a sweep to draw perplexity against sparsity", 380)
     data, shapes = [], []
     dense = res["dense"]["ppl"]
     tol = res["tolerance"]
@@ -71,7 +71,7 @@ def figure(res: dict | None, log_y: bool = True) -> dict:
     ev = res["evaluation"]
     layout = {"height": 420, "margin": {"l": 60, "r": 10, "t": 50, "b": 45}, "shapes": shapes,
               "title": {"text": f"Perplexity on {ev['tokens_scored']} held-out tokens ({ev['sequences']} x {ev['seq_len']}); "
-                                f"band: dense +{tol:.0%}; dashed: essential sparsity, dotted: max curvature. Click a point to pick it.",
+                                f"band: 0 % sparsity +{tol:.0%}; dashed: essential sparsity, dotted: max curvature. Click a point to pick it.",
                         "font": {"size": 12}},
               "xaxis": {"title": {"text": "sparsity of the block linears (asked; hover: reached)"}, "tickformat": ".0%"},
               "yaxis": {"title": {"text": "perplexity"}, "type": "log" if log_y else "linear"},
@@ -82,7 +82,8 @@ def figure(res: dict | None, log_y: bool = True) -> dict:
 def summary(res: dict | None) -> str:
     if not res:
         return ""
-    lines = [f"Dense perplexity **{res['dense']['ppl']:.3f}** on {res['evaluation']['tokens_scored']} tokens of the "
+    # the sweep runs on the current variant: its 0 % point is that variant's perplexity, not the dense original's
+    lines = [f"Perplexity of the current variant before sparsifying (0 %) **{res['dense']['ppl']:.3f}** on {res['evaluation']['tokens_scored']} tokens of the "
              f"held-out split; Wanda statistics from {res['calibration_tokens']} calibration tokens, computed once. "
              f"Sweep took {res['timing']['total_s']:.0f}s ({res['timing']['statistics_s']:.0f}s statistics, "
              f"{res['timing']['eval_s']:.0f}s evaluation).", ""]
@@ -99,8 +100,7 @@ def summary(res: dict | None) -> str:
 def heatmap(sens: dict | None) -> go.Figure:
     fig = go.Figure()
     if not sens:
-        fig.update_layout(height=300, title={"text": "Compute the sensitivity grid", "font": {"size": 12}})
-        return fig
+        return placeholder_figure("Compute the sensitivity grid to see which linears mind pruning")
     fig.add_trace(go.Heatmap(z=sens["kl"], x=[str(b) for b in sens["blocks"]], y=sens["types"], colorscale="Viridis",
                              colorbar={"title": {"text": "KL"}},
                              hovertemplate="block %{x}, %{y}<br>KL %{z:.5f}<extra></extra>"))

@@ -22,7 +22,7 @@ from workbench.engine.analysis import influence
 from workbench.engine.errors import Cancelled, RecipeError
 from workbench.engine.pareto import pareto_front
 from workbench.panels import blocks as bp
-from workbench.panels.chart import click_bridge_js
+from workbench.panels.chart import click_bridge_js, placeholder
 from workbench.panels.jobs import Job, Tracker
 
 TITLE = "Workbench"
@@ -97,9 +97,7 @@ def mi_ready(store, sid) -> bool:
 
 def chart_figure(store, sid, chosen: str = "mi", scale: str = "clipped") -> dict:
     if not sid or store.session(sid).spec is None:
-        return {"data": [], "layout": {"height": 360, "xaxis": {"visible": False}, "yaxis": {"visible": False},
-                                       "annotations": [{"text": "Load a model (Model tab) to see its blocks",
-                                                        "showarrow": False, "font": {"size": 14}}]}}
+        return placeholder("Load a model (Model tab) to see its blocks", 360)
     metric = chart_metric(store, sid, chosen)
     scores = store.scores(sid, metric)
     variant, pending = store.current(sid), set(store.pending(sid))
@@ -264,8 +262,7 @@ def status_words(store, sid, v, sibling=None) -> str:
 def variants_figure(store, sid) -> dict:
     """Size against quick KL for every variant (axes fitted to all of them), the Pareto front marked."""
     if not sid or store.session(sid).spec is None:
-        return {"data": [], "layout": {"height": 300, "xaxis": {"visible": False}, "yaxis": {"visible": False},
-                                       "annotations": [{"text": "Variants appear here", "showarrow": False}]}}
+        return placeholder("Each variant you make appears here: size against KL", 300)
     vs, cur = store.variants(sid), store.current(sid)
     qs = [store.quick(sid, v) for v in vs]
     xs, ys = [q["bytes"] / 2**20 for q in qs], [q["kl"] for q in qs]
@@ -406,7 +403,8 @@ def build(ctx) -> dict:
                 fsteps = gr.Number(bp.FUSE_DEFAULTS["steps"], label="steps per block", precision=0, minimum=0, visible=False, min_width=80)
                 method = gr.Dropdown(["gptq", "rtn"], value="gptq", label="method", visible=False, min_width=90)
                 bits = gr.Dropdown([2, 3, 4, 8], value=4, label="bits", visible=False, min_width=80)
-                group = gr.Dropdown([32, 64, 128, -1], value=64, label="group size", visible=False, min_width=90)
+                group = gr.Dropdown([32, 64, 128, -1], value=64, label="group size", visible=False, min_width=90,
+                                    elem_id="wb-main-group")
                 observer = gr.Dropdown([("min-max", "minmax"), ("mse search", "mse")], value=bp.DEFAULT_OBSERVER,
                                        label="scales", visible=False, min_width=110)
                 shrink = gr.Number(bp.DEFAULT_SHRINK, label="Hessian shrink", minimum=0, maximum=1, step=0.1, visible=False, min_width=90)

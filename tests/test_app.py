@@ -250,7 +250,7 @@ def test_compare_streams_what_generate_produces(store, sid):
     choices = compare.variant_choices(store, sid)
     assert [c[1] for c in choices] == [x.id for x in store.variants(sid)] and "current" in choices[-1][0]
     fig = compare.variants_plot(store, sid)
-    assert list(fig.data[0].text) == ["original", v.name]
+    assert list(fig.data[1].text) == ["original", v.name]  # data[0]: the Pareto front line
     compare.full_evaluation(store, sid, 512, progress=_no_progress)
     assert "perplexity, full" in compare.figures_table(store, sid)
 

@@ -206,8 +206,15 @@ def test_export_refuses_to_overwrite_and_is_atomic(tiny_lm, tmp_path):
     with pytest.raises(ExportError, match="already exists"):
         export_variant(lm, v, target, {})
     assert (target / "keep.txt").read_text() == "mine"
-    export_variant(lm, v, target, {}, overwrite=True)
-    assert not (target / "keep.txt").exists() and (target / "config.json").is_file()
+    # a folder that is not an earlier export of ours is never replaced, even when asked to overwrite
+    with pytest.raises(ExportError, match="not an earlier export"):
+        export_variant(lm, v, target, {}, overwrite=True)
+    assert (target / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    export_variant(lm, v, ours, {})
+    (ours / "stale.txt").write_text("left by an earlier export")
+    export_variant(lm, v, ours, {}, overwrite=True)  # an earlier export of ours is replaced whole
+    assert not (ours / "stale.txt").exists() and (ours / "config.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
 
 

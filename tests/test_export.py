@@ -166,6 +166,9 @@ def test_default_format_follows_the_variant_kind(tiny_lm, tmp_path):
     out, fmt = export_any(lm, q, tmp_path / "q", {})
     assert fmt == "compressed-tensors"
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    lm2 = _tok_lm("llama")
+    g = _steps(lm2, original_variant(4), [{"op": "quantize", "method": "rtn", "gguf": "Q4_1", "blocks": [1]}])
+    assert default_format(lm2, g) == "gguf"  # codes solved for a GGUF format go into a GGUF file
     with pytest.raises(ExportError, match="unknown export format"):
         export_any(lm, q, tmp_path / "x", {}, fmt="onnx")
 
@@ -204,3 +207,247 @@ def test_cli_compress_default_format_and_flag_errors(tiny_lm, tmp_path, monkeypa
                      "--gguf-type", "Q4_0"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --gguf-type applies to --format gguf only") and "Traceback" not in err
+
+
+def test_cli_compress_gguf(tmp_path, monkeypatch, capsys):
+    import gguf
+
+    from workbench import cli
+
+    lm = _tok_lm("qwen2")
+    monkeypatch.setattr("workbench.engine.loading.load_model", lambda *a, **k: lm)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"steps": [{"op": "prune_blocks", "blocks": [2]}]}))
+    assert cli.main(["compress", "--recipe", str(recipe), "--out", str(tmp_path / "g"), "--gguf-type", "q8_0",
+                     "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["result"]["format"] == "gguf"
+    r = gguf.GGUFReader(str(tmp_path / "g" / "model.gguf"))
+    assert {t.name: t.tensor_type for t in r.tensors}["blk.1.attn_v.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert "blk.3.attn_v.weight" not in {t.name for t in r.tensors}
+
+
+# ---- GGUF ---------------------------------------------------------------------------------------------
+GGUF_FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gemma3"]
+
+
+def _tok_lm(family, layers=4, seed=0):
+    from tiny import tiny_bpe_tokenizer, tiny_model
+    from workbench.engine.loading import wrap_model
+
+    return wrap_model(tiny_model(family, layers, seed), tiny_bpe_tokenizer(), spec=f"tiny-{family}", device="cpu")
+
+
+def _gguf_reload(folder, **kw):
+    return _reload(folder, gguf_file="model.gguf", dtype=torch.float32, **kw)
+
+
+def _steps(lm, variant, steps):
+    from workbench.engine.data import Calibration
+    from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
+
+    ctx = OpContext(lm=lm, calibration=Calibration(samples=4, seq_len=32))
+    return apply_steps(ctx, variant, [step_from_dict(s) for s in steps])
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_gguf_f32_of_a_pruned_variant_reloads_to_the_same_logits(family, tmp_path):
+    from workbench.engine.export_gguf import export_gguf
+
+    lm = _tok_lm(family)
+    v = original_variant(4).with_dropped([1])
+    out = export_gguf(lm, v, tmp_path / "g", {"steps": v.steps}, tensor_type="F32")
+    got = _gguf_reload(out)
+    assert got.config.num_hidden_layers == 3
+    # exact: F32 tensors, q/k permuted by us and back by transformers, Gemma norms 1 + w and back
+    torch.testing.assert_close(_logits(got), _logits(view_model(lm.model, lm.adapter, v)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("typ,dtype", [("F16", torch.float16), ("BF16", torch.bfloat16)])
+def test_gguf_half_types_hold_the_weights_rounded_to_that_dtype(typ, dtype, tmp_path):
+    from workbench.engine.export_gguf import export_gguf
+
+    lm = _tok_lm("qwen2")
+    v = original_variant(4).with_dropped([0])
+    out = export_gguf(lm, v, tmp_path / "h", {}, tensor_type=typ)
+    got = _gguf_reload(out).state_dict()
+    want = view_model(lm.model, lm.adapter, v).state_dict()
+    for k, t in want.items():
+        ref = t if t.dim() < 2 else t.to(dtype).float()  # norms and biases stay F32
+        assert torch.equal(got[k], ref), k
+
+
+def test_llama_qk_permutation_is_llama_cpps():
+    from workbench.engine.export_gguf import qk_permutation
+
+    n_head, hd, cols = 4, 8, 5
+    w = torch.randn(n_head * hd, cols)
+    # convert_hf_to_gguf.py's permute, written out: (n_head, 2, hd/2, cols) -> swap axes 1, 2
+    ref = w.reshape(n_head, 2, hd // 2, cols).swapaxes(1, 2).reshape(n_head * hd, cols)
+    assert torch.equal(w[qk_permutation(n_head * hd, n_head)], ref)
+
+
+def _gguf_tensors(path):
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    return r, {t.name: t for t in r.tensors}
+
+
+@pytest.mark.parametrize("scheme", ["Q4_0", "Q5_0", "Q8_0", "Q4_1", "Q5_1"])
+def test_gguf_exact_schemes_export_their_own_codes_bit_for_bit(scheme, tmp_path):
+    import gguf
+
+    from workbench.engine.export_gguf import export_gguf, qk_permutation
+
+    lm = _tok_lm("llama")
+    v = _steps(lm, original_variant(4), [{"op": "quantize", "method": "gptq" if scheme == "Q4_0" else "rtn",
+                                          "gguf": scheme, "blocks": [0, 2]}])
+    assert v.steps[0]["gguf"] == scheme and v.steps[0]["group_size"] == 32
+    out = export_gguf(lm, v, tmp_path / "q", {"steps": v.steps})  # no type asked: the blocks' own
+    view = view_model(lm.model, lm.adapter, v)
+    # 1. transformers' reader (gguf's numpy dequantizer, q/k un-permuted) gives the in-app weights exactly
+    got = _gguf_reload(out).state_dict()
+    for b in (0, 2):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
+            k = f"model.layers.{b}.{name}.weight"
+            assert torch.equal(got[k], view.state_dict()[k]), k
+    # 2. gguf's reader: the tensor types and an independent decode of one block
+    r, tensors = _gguf_tensors(out / "model.gguf")
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == getattr(gguf.GGMLQuantizationType, scheme)
+    assert tensors["blk.1.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # not quantized
+    t = tensors["blk.0.attn_q.weight"]
+    dq = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+    q = view.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(dq, q[qk_permutation(q.shape[0], 4)])
+    assert "bit for bit" in (out / "README.md").read_text()
+
+
+def test_gguf_exact_scheme_equals_the_formula_by_hand():
+    """Q4_1 decode by hand on one group: d q + m with d = fp16 scale and m = fp16(-d z)."""
+    from workbench.engine.ops import gptq
+
+    w = torch.linspace(-0.3, 0.9, 32)[None, :]
+    res = gptq.rtn(w, gptq.Scheme(bits=4, group_size=32, sym=False, gguf="Q4_1"))
+    d = torch.tensor((0.9 + 0.3) / 15).to(torch.float16).float()
+    z = torch.round(0.3 / d)
+    m = (-(d * z)).to(torch.float16).float()
+    q = torch.clamp(torch.round((w - m) / d), 0, 15)
+    assert float(res.scale) == float(d) and float(res.zero) == float(z)
+    assert torch.equal(res.codes.float(), q) and torch.equal(res.weight, d * q + m)
+
+
+def test_gguf_requantizes_other_schemes_and_says_so(tmp_path):
+    import gguf
+
+    from workbench.engine.export_gguf import export_gguf
+
+    lm = _tok_lm("qwen2")
+    v = _steps(lm, original_variant(4), [{"op": "quantize", "method": "rtn", "bits": 4, "group_size": 32,
+                                          "sym": False, "blocks": [1]}])
+    out = export_gguf(lm, v, tmp_path / "r", {}, tensor_type="Q4_0")
+    assert "re-quantized" in (out / "README.md").read_text()
+    _, tensors = _gguf_tensors(out / "model.gguf")
+    t = tensors["blk.1.ffn_up.weight"]
+    w = view_model(lm.model, lm.adapter, v).model.layers[1].mlp.up_proj.weight.detach().numpy()
+    ref = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0)  # the package's own quantizer
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0 and (t.data == ref).all()
+
+
+def test_gguf_fused_variant_reloads_to_the_same_logits(tmp_path):
+    from workbench.engine.export_gguf import export_gguf
+
+    lm = _tok_lm("llama")
+    v = _steps(lm, original_variant(4), [{"op": "fuse_blocks", "blocks": [1, 2]}])
+    assert v.dropped() and v.replaced()
+    out = export_gguf(lm, v, tmp_path / "f", {}, tensor_type="F32")
+    torch.testing.assert_close(_logits(_gguf_reload(out)), _logits(view_model(lm.model, lm.adapter, v)),
+                               rtol=0, atol=0)
+
+
+def test_gguf_metadata_and_gemma3_pattern_after_pruning(tmp_path):
+    from workbench.engine.export_gguf import export_gguf
+
+    lm = _tok_lm("gemma3", layers=8)
+    kinds = lm.model.config.layer_types
+    full = kinds.index("full_attention")  # Gemma 3: every 6th block attends globally
+    v = original_variant(8).with_dropped([0, 2])
+    out = export_gguf(lm, v, tmp_path / "g3", {}, tensor_type="F16")
+    r, tensors = _gguf_tensors(out / "model.gguf")
+
+    def field(key):
+        f = r.fields[key]
+        return [f.parts[i].tolist() for i in f.data]
+
+    assert field("gemma3.block_count") == [[6]]
+    pattern = [bool(x[0]) for x in field("gemma3.attention.sliding_window_pattern")]
+    assert pattern == [kinds[i] == "sliding_attention" for i in v.kept()] and pattern.count(False) == 1
+    assert pattern.index(False) == v.kept().index(full)
+    assert {f"blk.{j}.attn_q_norm.weight" for j in range(6)} <= set(tensors) and "blk.6.attn_q.weight" not in tensors
+    assert "output.weight" not in tensors  # tied to token_embd
+    # Gemma's norms are stored as 1 + w
+    w = lm.model.model.layers[1].input_layernorm.weight.detach()
+    assert torch.equal(torch.from_numpy(tensors["blk.0.attn_norm.weight"].data.copy()), w + 1)
+
+
+def test_gguf_tokenizer_and_chat_template_round_trip(tmp_path):
+    from transformers import AutoTokenizer
+
+    from workbench.engine.export_gguf import export_gguf
+
+    import transformers as tf
+    from tiny import tiny_bpe_tokenizer, tiny_config
+    from workbench.engine.loading import wrap_model
+
+    tok0 = tiny_bpe_tokenizer(merges=("h e", "l l", "he ll", "o Ġ"))
+    cfg = tiny_config("llama")
+    cfg.vocab_size = len(tok0)  # 260: the byte symbols and the merged tokens
+    lm = wrap_model(tf.AutoModelForCausalLM.from_config(cfg).eval(), tok0, spec="tiny-llama-bpe", device="cpu")
+    out = export_gguf(lm, original_variant(4), tmp_path / "t", {}, tensor_type="F16")
+    tok = AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
+    text = "Hello, wörld! hello helloo 123 <tab>\t end"
+    assert any(i >= 256 for i in lm.tokenizer(text)["input_ids"])  # the merges are used
+    assert tok(text)["input_ids"] == lm.tokenizer(text)["input_ids"]
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert tok.eos_token_id == lm.tokenizer.eos_token_id
+    assert tok.chat_template == lm.tokenizer.chat_template
+
+
+def test_gguf_size_shown_before_writing_matches_the_file(tmp_path):
+    from workbench.engine.export_gguf import estimate_gguf_bytes, export_gguf
+
+    lm = _tok_lm("llama")
+    v = _steps(lm, original_variant(4).with_dropped([3]), [{"op": "quantize", "method": "rtn", "gguf": "Q4_0",
+                                                           "blocks": [0, 1]}])
+    for typ in (None, "Q8_0", "F16"):
+        est = estimate_gguf_bytes(lm, v, typ)
+        out = export_gguf(lm, v, tmp_path / f"s{typ}", {}, tensor_type=typ)
+        size = (out / "model.gguf").stat().st_size
+        # the estimate counts the tensor data; the header, vocabulary and alignment padding come on top
+        assert est < size < est + 64 * 1024, (typ, est, size)
+
+
+def test_gguf_refuses_what_it_cannot_write(tiny_lm, tmp_path):
+    from workbench.engine.export_gguf import export_gguf
+
+    with pytest.raises(ExportError, match="GGUF export supports"):
+        export_gguf(tiny_lm("gpt2"), original_variant(4), tmp_path / "x", {})
+    with pytest.raises(ExportError, match="byte-level BPE"):
+        export_gguf(tiny_lm("llama"), original_variant(4), tmp_path / "y", {})  # the stand-in byte tokenizer
+    with pytest.raises(ExportError, match="not one of"):
+        export_gguf(_tok_lm("llama"), original_variant(4), tmp_path / "z", {}, tensor_type="Q2_K")
+    assert not (tmp_path / "y").exists()
+
+
+def test_quantize_step_gguf_field_validates_and_old_recipes_read_the_same():
+    from workbench.engine.errors import RecipeError
+    from workbench.engine.recipe import step_from_dict
+
+    s = step_from_dict({"op": "quantize", "gguf": "Q5_1", "bits": 8, "group_size": 128})
+    assert (s.bits, s.group_size, s.sym) == (5, 32, False)  # the GGUF format decides
+    with pytest.raises(RecipeError, match="'gguf' must be one of"):
+        step_from_dict({"op": "quantize", "gguf": "Q2_K"})
+    with pytest.raises(RecipeError, match="no g_idx"):
+        step_from_dict({"op": "quantize", "gguf": "Q4_0", "act_order": "group"})
+    with pytest.raises(RecipeError, match="'bits' must be"):
+        step_from_dict({"op": "quantize", "bits": 5})  # 5 bits only as a GGUF format

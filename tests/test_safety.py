@@ -214,10 +214,10 @@ def test_full_disk_is_one_line_and_leaves_nothing(tiny_lm, tmp_path, monkeypatch
     assert "\n" not in str(e.value)
     assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "xdg"]
 
-    def rust_full(self, folder, **kw):  # safetensors reports the OS error only in its words
+    def rust_full(tensors, path, **kw):  # safetensors reports the OS error only in its words
         raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
 
-    monkeypatch.setattr(type(lm.model), "save_pretrained", rust_full)
+    monkeypatch.setattr("workbench.engine.export_files.save_file", rust_full)
     with pytest.raises(WriteFailure, match="disk is full"):
         export_variant(lm, original_variant(4), tmp_path / "new", {"steps": []})
     assert not (tmp_path / "new").exists()

@@ -295,7 +295,7 @@ def test_panel_handlers_on_a_tiny_model(tiny_lm):
     assert len(hmap.data[0].z) == pa.HEAD_TOKENS and "last 128 of 512" in hmap.layout.title.text
     store.apply_step(sid, {"op": "prune_blocks", "blocks": [1]})
     heat, norms, summary = po.compute(store, sid, "noop_first")
-    assert json.loads(heat)["data"][0]["y"] == [0, 2, 3]  # original indices; block 1 is gone
+    assert json.loads(heat)["data"][0]["y"] == ["0", "1 (dropped)", "2", "3"]  # original indices; block 1 an empty row
     fig, _ = po.open_head(store, sid, 3 * po.HEAD_CODE + 2)
     assert fig.layout.title.text.startswith("block 3, head 2")
     bfig, _ = pm.compute(store, sid, "entropy")

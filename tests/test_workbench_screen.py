@@ -179,3 +179,35 @@ def test_the_app_opens_on_the_workbench_tab(store):
     assert {"wb-main-chart", "wb-main-apply", "wb-main-figures", "wb-main-plot", "wb-main-cancel"} <= ids
     cancel = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "wb-main-cancel")
     assert cancel.visible is False
+
+
+def test_outliers_heatmap_leaves_a_dropped_block_empty_and_unclickable():
+    from workbench.panels.outliers import HEAD_CODE, noop_figure
+
+    stats = {"noop_first": [[0.1, 0.2], None, [0.5, 0.6]]}  # block 1 dropped
+    trace = noop_figure(stats)["data"][0]
+    assert trace["y"] == ["0", "1 (dropped)", "2"]  # categorical rows: no interpolation across the gap
+    assert trace["z"][1] == [None, None] and trace["customdata"][1] == [-1, -1]
+    assert trace["customdata"][2] == [2 * HEAD_CODE, 2 * HEAD_CODE + 1]
+    assert "No delimiter" in noop_figure({"noop_delim": [None, None]}, "noop_delim")["layout"]["annotations"][0]["text"]
+
+
+def test_placeholders_say_what_to_do_without_empty_axes(store):
+    from workbench.panels import blocks, influence, outliers, sparsity
+
+    for fig in (blocks.chart_figure(store, None, "bi"), wb.chart_figure(store, None), wb.variants_figure(store, None),
+                outliers.noop_figure(None), sparsity.figure(None), influence.heatmap_figure(None)):
+        lay = fig["layout"]
+        assert fig["data"] == [] and lay["xaxis"]["visible"] is False and lay["yaxis"]["visible"] is False
+        assert lay["annotations"][0]["text"][0].isupper()
+    heat = sparsity.heatmap(None)
+    assert heat.layout.xaxis.visible is False and heat.layout.annotations[0].text.startswith("Compute")
+
+
+def test_sparsity_summary_names_the_current_variants_perplexity_not_dense():
+    from workbench.panels.sparsity import summary
+
+    res = {"dense": {"ppl": 12.3456}, "evaluation": {"tokens_scored": 100}, "calibration_tokens": 8,
+           "timing": {"total_s": 1.0, "statistics_s": 0.1, "eval_s": 0.5}, "curves": {}, "nm": []}
+    text = summary(res)
+    assert "current variant before sparsifying (0 %) **12.346**" in text and "Dense perplexity" not in text

@@ -79,3 +79,34 @@ CAUSAL_FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gemma3", "gpt2", "opt
 DENSE_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "smollm3", "olmo2", "granite",
                   "gpt2", "opt", "gpt-neox", "falcon", "falcon-mq", "falcon-mha"]
 MOE_FAMILIES = ["mixtral", "qwen3_moe"]
+
+
+def tiny_bpe_tokenizer(merges: tuple = ()):
+    """A real byte-level BPE tokenizer (GPT-2 style): the 256 byte symbols (VOCAB tokens) plus one token per
+    merge ("h e" adds "he"), the symbol of byte 0 standing as the special end-of-text token; with a chat
+    template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_sym = {}
+    # GPT-2's bytes_to_unicode order: printable bytes map to themselves, the rest to 256 + n
+    n = 0
+    for b in range(256):
+        if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255:
+            byte_sym[b] = chr(b)
+        else:
+            byte_sym[b] = chr(256 + n)
+            n += 1
+    assert set(byte_sym.values()) == set(alphabet)
+    vocab = {byte_sym[b]: b for b in range(256)}
+    pairs = [tuple(m.split(" ")) for m in merges]
+    for a, b in pairs:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.add_special_tokens({"eos_token": byte_sym[0]})
+    fast.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    return fast

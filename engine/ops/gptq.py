@@ -13,6 +13,13 @@ range, or with `observer="mse"` from the shrunk range that best fits the group) 
     q = clamp(round(w / s) + z, 0, 2^bits - 1),   w_hat = s (q - z).
 Symmetric grids fix z = 2^(bits-1) (compressed-tensors stores this as zero point 0 on a signed grid).
 
+GGUF-exact schemes (`gguf`: Q4_0, Q5_0, Q8_0, Q4_1, Q5_1; llama.cpp's block formats, group 32): the
+same grid with each scale rounded to float16 while solving (GGUF stores d in float16), so the
+dequantized weights are exactly what a GGUF reader decodes from the same codes. Q4_0 / Q5_0 / Q8_0 are
+symmetric: w_hat = d (q - 2^(bits-1)). Q4_1 / Q5_1 are asymmetric and decode w_hat = d q + m with
+m = float16(-d z) (two float32 operations, as ggml's reference dequantizer), and codes are rounded on
+that grid: q = clamp(round((w - m) / d), 0, 2^bits - 1).
+
 Activation order (`act_order`, compressed-tensors' meanings):
 - None: columns in their natural order; a group's scale is set when its first column is reached (from
   the weights as updated so far).
@@ -31,6 +38,10 @@ from dataclasses import dataclass
 import torch
 
 ACT_ORDERS = (None, "weight", "static", "group")
+# GGUF block formats we solve for exactly: name -> (bits, symmetric, bytes per block of 32 weights)
+GGUF_SCHEMES = {"Q4_0": (4, True, 18), "Q5_0": (5, True, 22), "Q8_0": (8, True, 34),
+                "Q4_1": (4, False, 20), "Q5_1": (5, False, 24)}
+GGUF_GROUP = 32
 OBSERVERS = ("minmax", "mse")
 # The "mse" observer: shrink the min-max range by p = 1 - i / MSE_GRID for i < MSE_MAXSHRINK * MSE_GRID
 # (1.00, 0.99, ..., 0.81) and keep, per row, the p whose grid minimises sum |w_hat - w|^MSE_NORM
@@ -50,9 +61,18 @@ class Scheme:
     block_size: int = 128  # columns per lazy-update block
     observer: str = "minmax"  # how a group's scale and zero point are chosen: min-max range or mse search
     shrink: float = 0.0  # Hessian shrinkage toward its diagonal, alpha in [0, 1] (see prepare_hessian)
+    gguf: str | None = None  # a GGUF-exact scheme (Q4_0, ...): fp16 scales, GGUF's decode (see the module doc)
 
     def __post_init__(self):
-        if self.bits not in (2, 3, 4, 8):
+        if self.gguf is not None:
+            if self.gguf not in GGUF_SCHEMES:
+                raise ValueError(f"gguf must be one of {', '.join(GGUF_SCHEMES)}, got {self.gguf!r}")
+            bits, sym, _ = GGUF_SCHEMES[self.gguf]
+            if (self.bits, self.sym, self.group_size) != (bits, sym, GGUF_GROUP):
+                raise ValueError(f"{self.gguf} is {bits}-bit, {'symmetric' if sym else 'asymmetric'}, group 32")
+            if self.act_order == "group":
+                raise ValueError(f"{self.gguf} has no g_idx: act_order must be none or weight")
+        elif self.bits not in (2, 3, 4, 8):
             raise ValueError(f"bits must be 2, 3, 4 or 8, got {self.bits!r}")
         if not (self.group_size == -1 or (isinstance(self.group_size, int) and self.group_size > 0)):
             raise ValueError(f"group_size must be -1 or positive, got {self.group_size!r}")
@@ -68,6 +88,11 @@ class Scheme:
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
+
+    @property
+    def offset(self) -> bool:
+        """Decoded as d q + m (GGUF's asymmetric formats) rather than s (q - z)."""
+        return self.gguf is not None and not self.sym
 
     def groups(self, columns: int) -> int:
         return 1 if self.group_size == -1 else columns // self.group_size
@@ -148,6 +173,8 @@ def _range_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool, 
     xmax = torch.where(flat, torch.ones_like(xmax), xmax)
     scale = (xmax - xmin) / maxq
     if scale_dtype is not None:
+        if scale_dtype == torch.float16:  # GGUF's d: never rounded to 0 (2^-24 is float16's least)
+            scale = scale.clamp(min=2.0**-24)
         scale = scale.to(scale_dtype).to(dtype)
     if sym:
         zero = torch.full_like(scale, float((maxq + 1) // 2))
@@ -156,16 +183,34 @@ def _range_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool, 
     return scale, zero
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes (as floats) of w on the grid; w, scale, zero broadcast together."""
+def gguf_offset(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """GGUF's m of the asymmetric formats: float16(-d z), as float32."""
+    return (-(scale.float() * zero.float())).to(torch.float16).float()
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+                   offset: bool = False) -> torch.Tensor:
+    """Integer codes (as floats) of w on the grid; w, scale, zero broadcast together. `offset`: the grid
+    d q + m of GGUF's asymmetric formats."""
+    if offset:
+        return torch.clamp(torch.round((w - gguf_offset(scale, zero)) / scale), 0, maxq)
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, offset: bool = False) -> torch.Tensor:
+    """w_hat of codes on the grid (broadcasting): s (q - z), or d q + m (`offset`, two float32 roundings
+    as in ggml's dequantizer)."""
+    if offset:
+        return torch.add(torch.mul(scale, codes), gguf_offset(scale, zero))
+    return scale * (codes - zero)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor,
+               offset: bool = False) -> torch.Tensor:
     """codes (out, in), scale/zero (out, groups), g_idx (in,) -> w_hat (out, in) float32."""
     s = scale[:, g_idx.long()].float()  # (out, in)
     z = zero[:, g_idx.long()].float()
-    return s * (codes.float() - z)
+    return decode(codes.float(), s, z, offset)
 
 
 def objective(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -186,7 +231,9 @@ def _compute_dtype(w: torch.Tensor) -> torch.dtype:
     return torch.float64 if w.dtype == torch.float64 else torch.float32
 
 
-def _scale_dtype(w: torch.Tensor, scale_dtype):
+def _scale_dtype(w: torch.Tensor, scale_dtype, scheme: Scheme | None = None):
+    if scheme is not None and scheme.gguf is not None:
+        return torch.float16  # GGUF stores d (and m) in float16
     return scale_dtype if scale_dtype is not None else (w.dtype if w.is_floating_point() else torch.float32)
 
 
@@ -200,15 +247,15 @@ def rtn(weight: torch.Tensor, scheme: Scheme, hessian: torch.Tensor | None = Non
     g = cols if scheme.group_size == -1 else scheme.group_size
     ng = cols // g
     Wg = W.reshape(rows, ng, g)  # (out, groups, g)
-    scale, zero = grid_params(Wg.reshape(rows * ng, g), scheme.bits, scheme.sym, _scale_dtype(weight, scale_dtype),
-                              scheme.observer)
+    scale, zero = grid_params(Wg.reshape(rows * ng, g), scheme.bits, scheme.sym,
+                              _scale_dtype(weight, scale_dtype, scheme), scheme.observer)
     scale, zero = scale.view(rows, ng), zero.view(rows, ng)
-    codes = quantize_codes(Wg, scale[..., None], zero[..., None], scheme.maxq).reshape(rows, cols)
+    codes = quantize_codes(Wg, scale[..., None], zero[..., None], scheme.maxq, scheme.offset).reshape(rows, cols)
     return _result(weight, codes, scale, zero, _natural_g_idx(cols, scheme, weight.device), None, scheme, hessian)
 
 
 def _result(weight, codes, scale, zero, g_idx, perm, scheme, hessian) -> QuantResult:
-    w_hat = dequantize(codes, scale, zero, g_idx)
+    w_hat = dequantize(codes, scale, zero, g_idx, scheme.offset)
     w_hat = w_hat.to(_compute_dtype(weight)) if weight.dtype == torch.float64 else w_hat
     err = objective(weight, w_hat, hessian) if hessian is not None else None
     return QuantResult(
@@ -276,8 +323,9 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, scale_dtyp
     """
     rows, cols = weight.shape
     scheme.check_width(cols)
-    sdt = _scale_dtype(weight, scale_dtype)
+    sdt = _scale_dtype(weight, scale_dtype, scheme)
     maxq = scheme.maxq
+    off = scheme.offset
     W, H, dead = prepare_hessian(weight, hessian, scheme.damp, scheme.shrink)
     dev = W.device
     g = cols if scheme.group_size == -1 else scheme.group_size
@@ -324,9 +372,9 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, scale_dtyp
                 scale[:, k], zero[:, k] = grid_params(W1[:, i : i + g], scheme.bits, scheme.sym, sdt,
                                                       scheme.observer)
             w = W1[:, i]
-            q = quantize_codes(w, scale[:, k], zero[:, k], maxq)
+            q = quantize_codes(w, scale[:, k], zero[:, k], maxq, off)
             Q[:, j] = q
-            err = (w - scale[:, k] * (q - zero[:, k])) / U1[i, i]
+            err = (w - decode(q, scale[:, k], zero[:, k], off)) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # (out, 1) x (1, rest)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the lazy update of every later column
@@ -342,7 +390,10 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, scale_dtyp
 
 def packed_nbytes(rows: int, cols: int, scheme: Scheme, scale_bytes: int = 2, with_g_idx: bool | None = None) -> int:
     """Bytes of a packed quantized weight: codes at `bits` per weight, one scale per row and group,
-    zero points at `bits` each when asymmetric, g_idx (int32 per column) for act_order 'group'."""
+    zero points at `bits` each when asymmetric, g_idx (int32 per column) for act_order 'group'; a GGUF
+    scheme: its blocks' bytes (d, m and the codes per 32 weights)."""
+    if scheme.gguf is not None:
+        return rows * cols // GGUF_GROUP * GGUF_SCHEMES[scheme.gguf][2]
     ng = scheme.groups(cols)
     n = math.ceil(rows * cols * scheme.bits / 8) + rows * ng * scale_bytes
     if not scheme.sym:

@@ -9,6 +9,9 @@ each group's range (see `gptq.grid_params`) for RTN and GPTQ alike. `true_sequen
 false): see `quantize_block`. `hessian_shrink` (optional, default 0: GPTQ as published) shrinks each
 Hessian toward its diagonal before the solve (see `gptq.prepare_hessian`); 0.4 measured best here on a
 validation set drawn from the calibration split, and the app's quantize mode proposes it.
+`gguf` (optional, default null): one of Q4_0, Q5_0, Q8_0, Q4_1, Q5_1 solves for that GGUF block format
+exactly (group 32, float16 scales, GGUF's decode; see `gptq`): it sets bits, group_size and sym, and a
+GGUF export then writes the variant's own codes, bit for bit.
 
 Sequential calibration (the order of IST-DASLab/gptq, arXiv 2210.17323): the calibration ids are traced
 once; the hidden state is carried through the variant's blocks in order; each chosen block is copied,
@@ -58,12 +61,16 @@ class QuantRecord:
     sym: bool
     act_order: str | None
     method: str
+    gguf: str | None = None  # the GGUF block format the codes were solved for (Q4_0, ...)
 
     def scheme(self) -> solver.Scheme:
-        return solver.Scheme(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order)
+        return solver.Scheme(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,
+                             gguf=self.gguf)
 
 
-def _tag(bits: int, group_size: int) -> str:
+def _tag(bits: int, group_size: int, gguf: str | None = None) -> str:
+    if gguf:
+        return f"quantized {gguf} (GGUF)"
     return f"quantized {bits}-bit " + ("per-channel" if group_size == -1 else f"g{group_size}")
 
 
@@ -86,13 +93,24 @@ class Quantize(Step):
     # RTN needs no data: only its error report (tr(dW H dW^T) per linear) needs the calibration pass,
     # so it runs only when asked. GPTQ always has it (its solve needs the Hessians anyway).
     error_report: bool = False
+    gguf: str | None = None  # a GGUF-exact scheme (Q4_0, Q5_0, Q8_0, Q4_1, Q5_1): sets bits, group_size, sym
 
     def __post_init__(self):
         if self.act_order == "auto":
             object.__setattr__(self, "act_order", "weight" if self.method == "gptq" else None)
+        if self.gguf is not None:
+            if self.gguf not in solver.GGUF_SCHEMES:
+                raise RecipeError(f"step 'quantize': 'gguf' must be one of {', '.join(solver.GGUF_SCHEMES)} or "
+                                  f"null, got {self.gguf!r}")
+            if self.act_order == "group":
+                raise RecipeError(f"step 'quantize': gguf {self.gguf} has no g_idx; 'act_order' must be null or weight")
+            bits, sym, _ = solver.GGUF_SCHEMES[self.gguf]
+            object.__setattr__(self, "bits", bits)
+            object.__setattr__(self, "sym", sym)
+            object.__setattr__(self, "group_size", solver.GGUF_GROUP)
         if self.method not in METHODS:
             raise RecipeError(f"step 'quantize': 'method' must be one of {METHODS}, got {self.method!r}")
-        if self.bits not in (2, 3, 4, 8) or isinstance(self.bits, bool):
+        if (self.bits not in (2, 3, 4, 8) and self.gguf is None) or isinstance(self.bits, bool):
             raise RecipeError(f"step 'quantize': 'bits' must be 2, 3, 4 or 8, got {self.bits!r}")
         if self.group_size not in (-1, 32, 64, 128) or isinstance(self.group_size, bool):
             raise RecipeError(f"step 'quantize': 'group_size' must be -1, 32, 64 or 128, got {self.group_size!r}")
@@ -124,7 +142,7 @@ class Quantize(Step):
     def scheme(self) -> solver.Scheme:
         return solver.Scheme(bits=self.bits, group_size=self.group_size, sym=self.sym,
                              act_order=self.act_order, damp=float(self.damp), observer=self.observer,
-                             shrink=float(self.hessian_shrink))
+                             shrink=float(self.hessian_shrink), gguf=self.gguf)
 
     def apply(self, ctx: OpContext, variant: Variant):
         blocks = sorted(set(self.blocks)) if self.blocks else variant.kept()
@@ -139,6 +157,8 @@ class Quantize(Step):
                                           true_sequential=self.true_sequential)
         resolved = self.to_dict()
         resolved["blocks"] = blocks
+        if self.gguf is None:
+            resolved.pop("gguf")  # recipes without GGUF schemes read as they did before the field existed
         return new, report, resolved
 
 
@@ -340,7 +360,7 @@ def _record(mod: nn.Module, res, scheme: solver.Scheme, method: str) -> int:
     set_linear_weight(mod, res.weight)
     mod.workbench_quant = QuantRecord(
         codes=res.codes, scale=res.scale, zero=res.zero, g_idx=res.g_idx, bits=scheme.bits,
-        group_size=scheme.group_size, sym=scheme.sym, act_order=scheme.act_order, method=method,
+        group_size=scheme.group_size, sym=scheme.sym, act_order=scheme.act_order, method=method, gguf=scheme.gguf,
     )
     rows, cols = linear_weight(mod).shape
     scale_bytes = mod.weight.element_size() if mod.weight.element_size() <= 4 else 4
@@ -395,7 +415,7 @@ def rtn_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme: solv
         q_block, per_block[i] = rtn_block(src, lm.adapter, scheme)
         object.__setattr__(q_block, "workbench_quant_source", src)
         new.overrides[i] = q_block
-        new.tags[i] = _tag(scheme.bits, scheme.group_size)
+        new.tags[i] = _tag(scheme.bits, scheme.group_size, scheme.gguf)
     report = _report("rtn", scheme, per_block, 0, sequential=False, true_sequential=False, t0=t0)
     ctx.report(1.0, f"quantize: {len(per_block)} blocks done")
     return new, report
@@ -411,7 +431,7 @@ def _report(method, scheme, per_block, calibration_tokens, sequential, true_sequ
         "method": method,
         "scheme": {"bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym,
                    "act_order": scheme.act_order, "damp": scheme.damp, "observer": scheme.observer,
-                   "hessian_shrink": scheme.shrink},
+                   "hessian_shrink": scheme.shrink, "gguf": scheme.gguf},
         "blocks": {str(i): r for i, r in sorted(per_block.items())},
         "total": {
             "blocks": len(per_block),
@@ -488,7 +508,7 @@ def quantize_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme:
             # A plain attribute (not a registered submodule): sizes and state dicts ignore it.
             object.__setattr__(q_block, "workbench_quant_source", src)
             new.overrides[i] = q_block
-            new.tags[i] = _tag(scheme.bits, scheme.group_size)
+            new.tags[i] = _tag(scheme.bits, scheme.group_size, scheme.gguf)
             per_block[i] = rep
             if sequential:
                 module = q_block  # the quantized output feeds the next block

@@ -1,0 +1,416 @@
+"""Export a variant as one GGUF file (llama.cpp, Ollama, LM Studio), written with the `gguf` package.
+
+What goes in (our code; the conventions learnt from llama.cpp's `convert_hf_to_gguf.py`):
+- the architecture's tensor names from the package's `TensorNameMap`, for the blocks the variant keeps
+  (renumbered 0..n-1), `block_count` = n, and every per-layer metadata array at the new length (Gemma 3's
+  sliding-window pattern: one entry per kept block, in order);
+- hyperparameters (context, widths, heads, rope base, norm epsilon, head dims, Gemma 2 soft-capping,
+  sliding window);
+- llama.cpp's conventions where they differ from transformers': the Llama-family (llama, mistral) q/k
+  row permutation (rotary halves interleaved; a row permutation, so quantized codes move with their rows),
+  Gemma's norm weights stored as 1 + w;
+- the tokenizer: vocabulary with token types, merges, special token ids, add-BOS flag, chat template.
+  Byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama 3, Qwen) only; others are refused with a reason.
+
+Tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1. The block linears take the requested type;
+norms and biases stay F32 (llama.cpp wants them so); embeddings and the output head take F16 in a
+quantized file (F32/F16/BF16 files keep them in the file's type). A linear quantized in-app with a
+GGUF-exact scheme (`quantize` with `gguf`) of the requested type (or with no type requested) is written
+from its own codes: the file decodes to the in-app weights bit for bit. Any other quantized linear is
+dequantized and re-quantized by the gguf package's quantizer, and the model card says so.
+
+Memory: tensors are converted one at a time into the writer; a float export shares the model's buffers
+where the dtype matches (no copy), a quantized one holds the packed bytes (about the file's size).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ExportError
+from .export import _card, model_sources, step_card_notes, write_side_files
+from .export_files import ties_embeddings
+from .loading import LoadedModel
+from .ops.gptq import GGUF_GROUP, GGUF_SCHEMES, gguf_offset
+from .safe_folder import atomic_folder
+from .workspace import Variant, view_model
+
+log = logging.getLogger(__name__)
+
+GGUF_NAME = "model.gguf"
+TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+FLOAT_TYPES = ("F32", "F16", "BF16")
+# model_type -> (gguf arch name, Llama-family q/k permutation, Gemma norms 1 + w)
+ARCHS = {
+    "llama": ("llama", True, False),
+    "mistral": ("llama", True, False),  # llama.cpp runs Mistral as the llama architecture
+    "qwen2": ("qwen2", False, False),
+    "qwen3": ("qwen3", False, False),
+    "gemma2": ("gemma2", False, True),
+    "gemma3_text": ("gemma3", False, True),
+    "gemma3": ("gemma3", False, True),
+}
+_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
+
+
+def _qtype(name: str):
+    import gguf
+
+    return getattr(gguf.GGMLQuantizationType, name)
+
+
+def float_type_of(dtype: torch.dtype) -> str:
+    return {torch.float16: "F16", torch.bfloat16: "BF16"}.get(dtype, "F32")
+
+
+# ---- packing our own codes into GGUF blocks -------------------------------------------------------------
+def pack_codes(rec, rows: torch.Tensor | None = None) -> np.ndarray:
+    """The GGUF blocks (out, in/32 * block bytes) uint8 of a linear's codes quantized with a GGUF-exact
+    scheme. `rows`: a row permutation to apply first (the Llama q/k one). Layouts as ggml's block_q*:
+    d (f16) [, m (f16)] [, qh: the 5th bits, little-endian uint32] , qs: low nibbles = weights 0..15,
+    high nibbles = weights 16..31 (Q8_0: 32 signed bytes q - 128)."""
+    name = rec.gguf
+    codes, scale, zero = rec.codes, rec.scale, rec.zero
+    if rows is not None:
+        codes, scale, zero = codes[rows], scale[rows], zero[rows]
+    out, cols = codes.shape
+    nb = cols // GGUF_GROUP
+    q = codes.to(torch.int32).reshape(out * nb, GGUF_GROUP).numpy().astype(np.uint8)  # (blocks, 32)
+    d = scale.reshape(-1).to(torch.float16).numpy().view(np.uint8).reshape(-1, 2)
+    parts = [d]
+    if name in ("Q4_1", "Q5_1"):
+        m = gguf_offset(scale, zero).reshape(-1).to(torch.float16).numpy().view(np.uint8).reshape(-1, 2)
+        parts.append(m)
+    if name == "Q8_0":
+        parts.append((q.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
+    else:
+        if name in ("Q5_0", "Q5_1"):
+            hi = (q >> 4) & 1
+            parts.append(np.packbits(hi, axis=-1, bitorder="little").reshape(-1, 4))
+        parts.append((q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4))
+    blocks = np.concatenate(parts, axis=-1)
+    assert blocks.shape[1] == GGUF_SCHEMES[name][2]
+    return blocks.reshape(out, nb * blocks.shape[1])
+
+
+def qk_permutation(n_rows: int, n_head: int) -> torch.Tensor:
+    """Row order of llama.cpp's q/k permute (rotary halves -> interleaved pairs) for `n_head` heads."""
+    idx = torch.arange(n_rows)
+    hd = n_rows // n_head
+    return idx.reshape(n_head, 2, hd // 2).transpose(1, 2).reshape(n_rows)
+
+
+# ---- the plan: what each tensor becomes ----------------------------------------------------------------
+def _config_text(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def check_exportable(lm: LoadedModel, variant: Variant, tensor_type: str | None = None) -> None:
+    if tensor_type is not None and tensor_type not in TYPES:
+        raise ExportError(f"GGUF tensor type {tensor_type!r} is not one of {', '.join(TYPES)}")
+    mt = lm.model.config.model_type
+    if mt not in ARCHS:
+        raise ExportError(f"the GGUF export supports {', '.join(sorted(set(ARCHS)))} models, not {mt!r}")
+    rope = getattr(_config_text(lm.model), "rope_parameters", None) or {}
+    kinds = {v.get("rope_type", "default") for v in rope.values() if isinstance(v, dict)} or \
+        {rope.get("rope_type", "default")}
+    if kinds - {"default"}:
+        raise ExportError(f"rope scaling {sorted(kinds - {'default'})} is not written by the GGUF export yet")
+
+
+def _linear_records(model: nn.Module) -> dict[str, object]:
+    """'<module path>.weight' -> QuantRecord of every quantized linear of the (view) model."""
+    return {f"{n}.weight": m.workbench_quant for n, m in model.named_modules()
+            if getattr(m, "workbench_quant", None) is not None}
+
+
+def default_tensor_type(lm: LoadedModel, variant: Variant) -> str:
+    """The file's block type when none is asked: the quantized blocks' own GGUF scheme (the most common
+    one), else the weights' float type."""
+    model = view_model(lm.model, lm.adapter, variant)
+    recs = [r for r in _linear_records(model).values() if getattr(r, "gguf", None)]
+    if recs:
+        names = [r.gguf for r in recs]
+        return max(set(names), key=names.count)
+    from .export_files import weights_dtype
+
+    return float_type_of(weights_dtype(model))
+
+
+def _plan(model, name: str, t: torch.Tensor, tensor_type: str, recs: dict, explicit: bool, float_type: str):
+    """-> (type name, how: 'codes' | 'float' | 'requantize') for one state-dict tensor. With no type asked,
+    linears quantized with a GGUF scheme keep their codes and every other linear stays in the weights'
+    float type (so the file holds the in-app weights exactly)."""
+    rec = recs.get(name)
+    is_block_linear = t.dim() == 2 and ".layers." in name
+    if t.dim() < 2:
+        return "F32", "float"
+    if not is_block_linear:  # embeddings, output head
+        return ("F16" if tensor_type not in FLOAT_TYPES else tensor_type), "float"
+    if rec is not None and getattr(rec, "gguf", None) and (not explicit or rec.gguf == tensor_type):
+        return rec.gguf, "codes"
+    if not explicit:
+        return float_type, "float"
+    if tensor_type in FLOAT_TYPES:
+        return tensor_type, "float"
+    if t.shape[-1] % GGUF_GROUP:
+        return "F16", "float"  # a row width GGUF blocks cannot tile
+    return tensor_type, "requantize"
+
+
+def tensor_bytes(shape, type_name: str) -> int:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[_qtype(type_name)]
+    n = int(np.prod(shape))
+    return n // block * size
+
+
+# ---- metadata -------------------------------------------------------------------------------------------
+def _rope_bases(cfg) -> tuple[float, float | None]:
+    rp = getattr(cfg, "rope_parameters", None) or {}
+    if "full_attention" in rp:  # Gemma 3: one rope per attention kind
+        full = rp["full_attention"].get("rope_theta", 1e6)
+        local = rp.get("sliding_attention", {}).get("rope_theta")
+        return float(full), (float(local) if local else None)
+    theta = rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    return float(theta), None
+
+
+def _write_hparams(w, model, arch: str, n_blocks: int, file_type: str) -> None:
+    cfg = _config_text(model)
+    n_head = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    w.add_context_length(int(cfg.max_position_embeddings))
+    w.add_embedding_length(int(cfg.hidden_size))
+    w.add_block_count(int(n_blocks))
+    w.add_feed_forward_length(int(cfg.intermediate_size))
+    w.add_head_count(int(n_head))
+    w.add_head_count_kv(int(n_kv))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    base, local = _rope_bases(cfg)
+    w.add_rope_freq_base(base)
+    if local is not None:
+        w.add_rope_freq_base_swa(local)
+    w.add_key_length(int(head_dim))
+    w.add_value_length(int(head_dim))
+    if arch == "llama":
+        w.add_rope_dimension_count(int(head_dim))
+    w.add_vocab_size(int(cfg.vocab_size))
+    w.add_file_type(_FILE_TYPE[file_type])
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping or 0.0))
+        w.add_final_logit_softcapping(float(cfg.final_logit_softcapping or 0.0))
+    if arch in ("gemma2", "gemma3") and getattr(cfg, "sliding_window", None):
+        w.add_sliding_window(int(cfg.sliding_window))
+    if arch == "gemma3":
+        kinds = list(getattr(cfg, "layer_types", None) or [])
+        if len(kinds) != n_blocks:
+            raise ExportError(f"internal: {len(kinds)} layer types for {n_blocks} blocks")
+        w.add_sliding_window_pattern([k == "sliding_attention" for k in kinds])  # one per kept block
+
+
+def _pre_tokenizer_name(tok_json: dict) -> str:
+    """llama.cpp's name for the pre-tokenizer (its regex), from the tokenizer.json structure."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    kinds = [p.get("type") for p in pre.get("pretokenizers", [])] if pre.get("type") == "Sequence" else [pre.get("type")]
+    text = json.dumps(pre)
+    if kinds == ["ByteLevel"]:
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"]:
+        return "smollm"
+    if "\\\\p{N}{1,3}" in text:
+        return "llama-bpe"
+    if "\\\\p{N}" in text and "Split" in kinds:
+        return "qwen2"
+    return "default"
+
+
+def _write_tokenizer(w, tokenizer, n_vocab: int) -> list[str]:
+    """Vocabulary, types, merges, special ids, chat template. -> notes for the card."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError("the GGUF export needs a fast (tokenizers) tokenizer with a byte-level BPE vocabulary")
+    tj = json.loads(backend.to_str())
+    model = tj.get("model", {})
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("pre_tokenizer")):
+        raise ExportError("the GGUF export writes byte-level BPE tokenizers (GPT-2 style, as SmolLM, Llama 3, "
+                          f"Qwen use); this one is {model.get('type')} with another pre-tokenizer")
+    vocab = tokenizer.get_vocab()
+    by_id = {i: t for t, i in vocab.items()}
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(n_vocab):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(t)
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(t)
+            types.append(gguf.TokenType.NORMAL)
+    w.add_tokenizer_model("gpt2")
+    pre = _pre_tokenizer_name(tj)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_token_merges(merges)
+    for attr, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
+                      ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int) and 0 <= v < n_vocab:
+            add(v)
+    w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    tmpl = getattr(tokenizer, "chat_template", None)
+    if isinstance(tmpl, str) and tmpl:
+        w.add_chat_template(tmpl)
+    return [] if pre != "default" else ["the tokenizer's pre-tokenizer is not one llama.cpp names; written as "
+                                        "'default' (llama.cpp then splits text with its default regex)"]
+
+
+# ---- writing --------------------------------------------------------------------------------------------
+def gguf_plan(lm: LoadedModel, variant: Variant, tensor_type: str | None = None):
+    """[(gguf name, hf name, tensor, type, how, row permutation)] of every tensor the file holds."""
+    import gguf
+
+    check_exportable(lm, variant, tensor_type)
+    explicit = tensor_type is not None
+    tensor_type = tensor_type or default_tensor_type(lm, variant)
+    model = view_model(lm.model, lm.adapter, variant)
+    arch, permute, _ = ARCHS[model.config.model_type]
+    n_blocks = len(variant.kept())
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n_blocks)
+    cfg = _config_text(model)
+    n_head = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    recs = _linear_records(model)
+    from .export_files import weights_dtype
+
+    float_type = float_type_of(weights_dtype(model))
+    tied = ties_embeddings(model)
+    seen = set()
+    plan = []
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen and tied:
+            continue  # lm_head tied to the embedding: llama.cpp reuses token_embd
+        seen.add(key)
+        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise ExportError(f"no GGUF tensor name for {name!r} in the {arch} architecture")
+        typ, how = _plan(model, name, t, tensor_type, recs, explicit, float_type)
+        rows = None
+        if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
+            rows = qk_permutation(t.shape[0], n_head if "q_proj" in name else n_kv)
+        plan.append((new, name, t, typ, how, rows))
+    return plan, tensor_type, arch, model
+
+
+def estimate_gguf_bytes(lm: LoadedModel, variant: Variant, tensor_type: str | None = None) -> int:
+    """Bytes of the tensor data the GGUF file will hold (the header and vocabulary come on top)."""
+    plan, *_ = gguf_plan(lm, variant, tensor_type)
+    return sum(tensor_bytes(t.shape, typ) for _, _, t, typ, _, _ in plan)
+
+
+def _tensor_data(name, t, typ, how, rows, recs, norm_plus_one):
+    import gguf
+
+    t = t.detach().cpu()
+    if how == "codes":
+        return pack_codes(recs[name], rows), _qtype(typ)
+    x = t.float() if (typ != "F32" or t.dtype != torch.float32) else t
+    if rows is not None:
+        x = x[rows]
+    if norm_plus_one and name.endswith("norm.weight"):
+        x = x + 1.0  # llama.cpp stores Gemma's RMSNorm weight as 1 + w
+    if typ == "F32":
+        return x.contiguous().numpy(), None
+    if typ == "F16":
+        return x.to(torch.float16).contiguous().numpy(), None
+    if typ == "BF16":
+        return gguf.quants.quantize(x.contiguous().numpy(), _qtype("BF16")), _qtype("BF16")
+    return gguf.quants.quantize(x.contiguous().numpy(), _qtype(typ)), _qtype(typ)
+
+
+def write_gguf(lm: LoadedModel, variant: Variant, path: Path, tensor_type: str | None = None) -> dict:
+    """Write the variant's GGUF file at `path`. -> {"tensor_type", "types": {type: count},
+    "requantized": [hf names], "from_codes": [hf names], "notes": [...]}."""
+    import gguf
+
+    plan, tensor_type, arch, model = gguf_plan(lm, variant, tensor_type)
+    _, _, norm_plus_one = ARCHS[model.config.model_type]
+    recs = _linear_records(model)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"{lm.name} ({variant.name})")
+    _write_hparams(w, model, arch, len(variant.kept()), tensor_type)
+    n_vocab = int(_config_text(model).vocab_size)
+    notes = _write_tokenizer(w, lm.tokenizer, n_vocab)
+    types: dict[str, int] = {}
+    requantized, from_codes = [], []
+    for new, name, t, typ, how, rows in plan:
+        data, raw = _tensor_data(name, t, typ, how, rows, recs, norm_plus_one)
+        w.add_tensor(new, data, raw_dtype=raw)
+        types[typ] = types.get(typ, 0) + 1
+        if how == "requantize" and name in recs:
+            requantized.append(name)
+        if how == "codes":
+            from_codes.append(name)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if requantized:
+        notes.append(f"{len(requantized)} quantized linears had a scheme other than GGUF {tensor_type}: they were "
+                     "dequantized and re-quantized by the gguf package's quantizer, so the file's weights differ "
+                     "from the in-app variant's (quantize with the GGUF scheme of the same name to export exact codes)")
+    if from_codes:
+        notes.append(f"{len(from_codes)} linears are written from the variant's own GGUF-exact codes: the file "
+                     "decodes to the in-app weights bit for bit")
+    return {"tensor_type": tensor_type, "types": types, "requantized": requantized, "from_codes": from_codes,
+            "notes": notes}
+
+
+def export_gguf(
+    lm: LoadedModel,
+    variant: Variant,
+    out_dir: str | Path,
+    recipe: dict,
+    tensor_type: str | None = None,
+    metrics: dict | None = None,
+    overwrite: bool = False,
+    notes: list[str] | None = None,
+    progress=None,
+) -> Path:
+    """Write `out_dir/model.gguf` with the recipe, card and metrics beside it, atomically."""
+    check_exportable(lm, variant, tensor_type)
+    with atomic_folder(out_dir, overwrite, progress, protect=model_sources(lm)) as tmp:
+        if progress:
+            progress(0.1, "writing the GGUF file")
+        t0 = time.perf_counter()
+        try:
+            info = write_gguf(lm, variant, tmp / GGUF_NAME, tensor_type)
+        except OSError as e:
+            raise ExportError(f"could not write the GGUF file: {e}") from e
+        doc = dict(metrics or {})
+        doc.update({"gguf_tensor_type": info["tensor_type"], "gguf_types": info["types"],
+                    "gguf_write_seconds": time.perf_counter() - t0})
+        weights = {GGUF_NAME: (tmp / GGUF_NAME).stat().st_size}
+        card_notes = [f"GGUF block type {info['tensor_type']} (tensors per type: {info['types']}); norms in F32.",
+                      *info["notes"], *(notes or []), *step_card_notes(variant)]
+        card = _card(lm, variant, recipe, doc, card_notes, "gguf", weights)
+        write_side_files(tmp, recipe, card, doc, "gguf")
+    return Path(out_dir).expanduser().resolve()
