@@ -116,10 +116,14 @@ def save_model_files(model, tokenizer, folder: Path, after_weights=None) -> None
         raise ExportError(f"could not write the export: {e}") from e
 
 
-def write_side_files(folder: Path, recipe: dict, card: str, metrics: dict | None, fmt: str = "dense") -> None:
-    """recipe.json, the model card and the measured metrics, with the bytes on disk of every file
-    written before them (`files_bytes`; the metrics file itself is not in it), beside the weights."""
+def write_side_files(folder: Path, recipe: dict, card: str, metrics: dict | None, fmt: str = "dense",
+                     extra_files: dict | None = None) -> None:
+    """recipe.json, the model card, `extra_files` ({name: text}: recipes for other tools) and the measured
+    metrics, with the bytes on disk of every file written before them (`files_bytes`; the metrics file
+    itself is not in it), beside the weights."""
     (folder / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    for name, text in (extra_files or {}).items():
+        (folder / name).write_text(text)
     (folder / "README.md").write_text(card)
     doc = dict(metrics or {})
     doc["format"] = fmt
@@ -143,6 +147,7 @@ def export_variant(
     notes: list[str] | None = None,
     progress=None,
     max_shard_bytes: int | None = None,
+    extra_files: dict | None = None,
 ) -> Path:
     """Write the variant to `out_dir` atomically as dense safetensors in the weights' own dtype, streamed
     shard by shard (see `export_files`). Returns the folder."""
@@ -159,7 +164,7 @@ def export_variant(
             raise ExportError(f"could not write the export: {e}") from e
         weights = {n: (tmp / n).stat().st_size for n in names}
         card = _card(lm, variant, recipe, metrics, (notes or []) + step_card_notes(variant), "dense", weights)
-        write_side_files(tmp, recipe, card, metrics, "dense")
+        write_side_files(tmp, recipe, card, metrics, "dense", extra_files)
     return Path(out_dir).expanduser().resolve()
 
 
@@ -181,12 +186,12 @@ def default_format(lm: LoadedModel, variant: Variant) -> str:
 
 def export_any(lm: LoadedModel, variant: Variant, out_dir: str | Path, recipe: dict, fmt: str | None = None,
                gguf_type: str | None = None, metrics: dict | None = None, overwrite: bool = False,
-               notes: list[str] | None = None, progress=None) -> tuple[Path, str]:
+               notes: list[str] | None = None, progress=None, extra_files: dict | None = None) -> tuple[Path, str]:
     """Export in `fmt` (None: the variant's default format). -> (folder, format written)."""
     fmt = fmt or default_format(lm, variant)
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r} (choose {', '.join(FORMATS)})")
-    kw = dict(metrics=metrics, overwrite=overwrite, notes=notes, progress=progress)
+    kw = dict(metrics=metrics, overwrite=overwrite, notes=notes, progress=progress, extra_files=extra_files)
     if fmt == "dense":
         return export_variant(lm, variant, out_dir, recipe, **kw), fmt
     if fmt == "compressed-tensors":
@@ -196,3 +201,30 @@ def export_any(lm: LoadedModel, variant: Variant, out_dir: str | Path, recipe: d
     from .export_gguf import export_gguf
 
     return export_gguf(lm, variant, out_dir, recipe, tensor_type=gguf_type, **kw), fmt
+
+
+def estimate_sizes(lm: LoadedModel, variant: Variant, gguf_type: str | None = None) -> list[dict]:
+    """Before writing: per format, the bytes its weight file(s) will hold (tensor data; headers, the
+    tokenizer and the side files come on top) and what loads it, or why it cannot be written.
+    -> [{"format", "bytes" (None when refused), "loads", "note"}]."""
+    from .export_ct import check_exportable as ct_check
+    from .export_ct import estimate_ct_bytes
+    from .export_files import dense_weight_bytes
+    from .export_gguf import default_tensor_type, estimate_gguf_bytes
+
+    out = [{"format": "dense", "bytes": dense_weight_bytes(view_model(lm.model, lm.adapter, variant)),
+            "loads": LOADERS["dense"], "note": ""}]
+    try:
+        ct_check(lm, variant)
+        out.append({"format": "compressed-tensors", "bytes": estimate_ct_bytes(lm, variant),
+                    "loads": LOADERS["compressed-tensors"], "note": ""})
+    except ExportError as e:
+        out.append({"format": "compressed-tensors", "bytes": None, "loads": LOADERS["compressed-tensors"],
+                    "note": str(e)})
+    try:
+        typ = gguf_type or default_tensor_type(lm, variant)
+        out.append({"format": "gguf", "bytes": estimate_gguf_bytes(lm, variant, gguf_type),
+                    "loads": LOADERS["gguf"], "note": f"tensor type {typ}"})
+    except ExportError as e:
+        out.append({"format": "gguf", "bytes": None, "loads": LOADERS["gguf"], "note": str(e)})
+    return out

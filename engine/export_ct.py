@@ -171,6 +171,7 @@ def export_compressed(
     overwrite: bool = False,
     notes: list[str] | None = None,
     progress=None,
+    extra_files: dict | None = None,
 ) -> Path:
     """Write the variant as a compressed-tensors (pack-quantized) checkpoint into `out_dir`, atomically."""
     check_exportable(lm, variant)
@@ -207,5 +208,29 @@ def export_compressed(
         ]
         weights = {p.name: p.stat().st_size for p in sorted(tmp.glob("*.safetensors"))}
         card = _card(lm, variant, recipe, metrics, card_notes, "compressed-tensors", weights)
-        write_side_files(tmp, recipe, card, metrics, "compressed-tensors")
+        write_side_files(tmp, recipe, card, metrics, "compressed-tensors", extra_files)
     return Path(out_dir).expanduser().resolve()
+
+
+def estimate_ct_bytes(lm: LoadedModel, variant: Variant) -> int:
+    """Bytes of the tensors the compressed-tensors export writes (before writing anything): per quantized
+    linear the codes bit-packed into int32 words along the input, the scales in the weights' dtype, the
+    zero points bit-packed along the output (asymmetric), the int64 (2,) weight shape; everything else
+    dense as in `export_files`."""
+    from .export_files import dense_tensors, tensor_nbytes
+
+    model = view_model(lm.model, lm.adapter, variant)
+    mods = quantized_linears(model)
+    total = 0
+    for name, t in dense_tensors(model):
+        mod = mods.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        if mod is None:
+            total += tensor_nbytes(t)
+            continue
+        rec = mod.workbench_quant
+        out, cols = t.shape
+        groups = rec.scale.shape[1]
+        total += out * -(-cols * rec.bits // 32) * 4 + out * groups * t.element_size() + 2 * 8
+        if not rec.sym:
+            total += -(-out * rec.bits // 32) * groups * 4
+    return total

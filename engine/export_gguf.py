@@ -394,6 +394,7 @@ def export_gguf(
     overwrite: bool = False,
     notes: list[str] | None = None,
     progress=None,
+    extra_files: dict | None = None,
 ) -> Path:
     """Write `out_dir/model.gguf` with the recipe, card and metrics beside it, atomically."""
     check_exportable(lm, variant, tensor_type)
@@ -412,5 +413,5 @@ def export_gguf(
         card_notes = [f"GGUF block type {info['tensor_type']} (tensors per type: {info['types']}); norms in F32.",
                       *info["notes"], *(notes or []), *step_card_notes(variant)]
         card = _card(lm, variant, recipe, doc, card_notes, "gguf", weights)
-        write_side_files(tmp, recipe, card, doc, "gguf")
+        write_side_files(tmp, recipe, card, doc, "gguf", extra_files)
     return Path(out_dir).expanduser().resolve()

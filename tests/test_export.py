@@ -451,3 +451,196 @@ def test_quantize_step_gguf_field_validates_and_old_recipes_read_the_same():
         step_from_dict({"op": "quantize", "gguf": "Q4_0", "act_order": "group"})
     with pytest.raises(RecipeError, match="'bits' must be"):
         step_from_dict({"op": "quantize", "bits": 5})  # 5 bits only as a GGUF format
+
+
+# ---- sizes before writing, and the Export panel -----------------------------------------------------
+def _payload(folder):
+    from safetensors import safe_open
+
+    n = 0
+    for p in folder.glob("*.safetensors"):
+        with safe_open(str(p), "pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                n += t.numel() * t.element_size()
+    return n
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (3, False), (8, False)])
+def test_sizes_shown_before_writing_equal_the_bytes_written(bits, sym, tmp_path):
+    from workbench.engine.export import estimate_sizes
+
+    lm = _tok_lm("llama")
+    v = _steps(lm, original_variant(4).with_dropped([1]), [{"op": "quantize", "method": "rtn", "bits": bits,
+                                                           "group_size": 32, "sym": sym, "blocks": [0, 3]}])
+    est = {r["format"]: r["bytes"] for r in estimate_sizes(lm, v, "Q4_0")}
+    for fmt in ("dense", "compressed-tensors", "gguf"):
+        out, _ = export_any(lm, v, tmp_path / fmt, {}, fmt=fmt, gguf_type="Q4_0" if fmt == "gguf" else None)
+        if fmt == "gguf":
+            size = (out / "model.gguf").stat().st_size
+            assert est[fmt] < size < est[fmt] + 64 * 1024  # header and vocabulary on top
+        else:
+            assert _payload(out) == est[fmt], fmt  # the tensor data exactly; headers aside
+            files = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+            assert est[fmt] < files < est[fmt] + 64 * 1024
+
+
+def test_export_panel_shows_sizes_and_writes_the_chosen_format(tmp_path):
+    from workbench.panels import export as panel
+    from workbench.store import Store
+
+    store = Store(default_model="tiny-bpe", device="cpu")
+    store.register_model(_tok_lm("llama"), "tiny-bpe")
+    sid = store.new_session()
+    store.attach(sid)
+    store.set_calibration(sid, 4, 32)
+    store.apply_step(sid, {"op": "quantize", "method": "rtn", "bits": 4, "group_size": 32, "sym": True, "blocks": [0]})
+    table = panel.sizes(store, sid, "Q8_0")
+    assert "Default for this variant: **compressed-tensors**" in table
+    assert all(f"| {f} |" in table for f in ("dense", "compressed-tensors", "gguf")) and "llama.cpp" in table
+    assert "{" not in table  # plain words, not JSON
+    msg = panel.export(store, sid, str(tmp_path / "g"), False, "gguf", "Q8_0", progress=lambda *a, **k: None)
+    assert "as **gguf**" in msg and "llama-cli" in msg and (tmp_path / "g" / "model.gguf").is_file()
+    msg = panel.export(store, sid, str(tmp_path / "d"), False, panel.DEFAULT, "default", progress=lambda *a, **k: None)
+    assert "as **compressed-tensors**" in msg
+    with pytest.raises(ExportError, match="gguf format only"):
+        panel.export(store, sid, str(tmp_path / "x"), False, "dense", "Q4_0", progress=lambda *a, **k: None)
+
+
+# ---- recipes for other tools ------------------------------------------------------------------------
+def test_emit_llm_compressor_recipe_targets_the_quantized_blocks():
+    import re
+
+    import yaml
+
+    from workbench.engine.emit import emit
+
+    recipe = {"steps": [{"op": "prune_blocks", "blocks": [1]},
+                        {"op": "quantize", "method": "gptq", "bits": 4, "group_size": 32, "sym": True,
+                         "act_order": "weight", "blocks": [2, 3], "damp": 0.01, "observer": "mse"},
+                        {"op": "quantize", "method": "rtn", "bits": 8, "group_size": -1, "sym": False,
+                         "act_order": None, "blocks": [0]},
+                        {"op": "fuse_blocks", "blocks": [4, 5]}]}
+    name, text = emit("llm-compressor", recipe, 8, dropped=[1, 5])
+    assert name.endswith(".yaml") and "cannot reproduce step 4: fusion" in text
+    doc = yaml.safe_load(text)
+    gptq = doc["quant_stage_0"]["quant_modifiers"]["GPTQModifier"]
+    w = gptq["config_groups"]["group_0"]["weights"]
+    assert w == {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32,
+                 "actorder": "weight", "observer": "mse"}
+    pattern = gptq["config_groups"]["group_0"]["targets"][0].removeprefix("re:")
+    names = [f"model.layers.{i}.{m}" for i in range(6) for m in ("self_attn.q_proj", "mlp.down_proj", "input_layernorm")]
+    # original blocks 2 and 3 are blocks 1 and 2 once block 1 is gone
+    assert [n for n in names if re.search(pattern, n)] == [
+        "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+        "model.layers.2.self_attn.q_proj", "model.layers.2.mlp.down_proj"]
+    rtn = doc["quant_stage_1"]["quant_modifiers"]["QuantizationModifier"]["config_groups"]["group_0"]
+    assert rtn["weights"]["strategy"] == "channel" and rtn["weights"]["symmetric"] is False
+    with pytest.raises(ExportError, match="no quantize step"):
+        emit("llm-compressor", {"steps": [{"op": "prune_blocks", "blocks": [1]}]}, 8, [1])
+
+
+def test_emit_llama_quantize_args_match_the_gguf_tensor_names(tmp_path):
+    import re
+    import shlex
+
+    import gguf
+
+    from workbench.engine.emit import emit
+    from workbench.engine.export_gguf import export_gguf
+
+    recipe = {"steps": [{"op": "prune_blocks", "blocks": [1]},
+                        {"op": "quantize", "method": "gptq", "bits": 4, "group_size": 32, "sym": False, "blocks": [0, 3]},
+                        {"op": "quantize", "method": "rtn", "gguf": "Q8_0", "bits": 8, "group_size": 32, "sym": True,
+                         "blocks": [2]}]}
+    name, text = emit("llama-quantize", recipe, 4, [1])
+    cmd = shlex.split(text.strip().splitlines()[-1])
+    assert cmd[0] == "llama-quantize" and cmd[cmd.index("--prune-layers") + 1] == "1" and cmd[-1] == "F16"
+    overrides = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--tensor-type"]
+    assert sorted(o.split("=")[1] for o in overrides) == ["q4_1", "q8_0"]
+    assert "GPTQ's error-compensating solve" in text
+    # the patterns select exactly the intended blocks of the original model's GGUF (the command's input)
+    out = export_gguf(_tok_lm("llama"), original_variant(4), tmp_path / "src", {}, tensor_type="F16")
+    names = [t.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors]
+    for o in overrides:
+        pat, typ = o.rsplit("=", 1)
+        hit = {int(n.split(".")[1]) for n in names if re.search(pat, n)}
+        assert hit == ({0, 3} if typ == "q4_1" else {2})
+
+
+def test_cli_emit_writes_both_files_into_the_export(tiny_lm, tmp_path, monkeypatch, capsys):
+    from workbench import cli
+
+    lm = tiny_lm("llama")
+    monkeypatch.setattr("workbench.engine.loading.load_model", lambda *a, **k: lm)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"calibration": {"source": "default", "samples": 4, "seq_len": 32},
+                                  "steps": [{"op": "prune_blocks", "blocks": [3]},
+                                            {"op": "quantize", "method": "rtn", "bits": 4, "group_size": 32,
+                                             "sym": True, "blocks": [1]}]}))
+    assert cli.main(["compress", "--recipe", str(recipe), "--out", str(tmp_path / "o"), "--emit", "llm-compressor",
+                     "--emit", "llama-quantize", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["result"]["emitted"] == ["llama-quantize.sh", "llm-compressor-recipe.yaml"]
+    assert "QuantizationModifier" in (tmp_path / "o" / "llm-compressor-recipe.yaml").read_text()
+    assert "--prune-layers 3" in (tmp_path / "o" / "llama-quantize.sh").read_text()
+    files = json.loads((tmp_path / "o" / "workbench_metrics.json").read_text())["files_bytes"]
+    assert "llama-quantize.sh" in files
+
+
+# ---- llama.cpp itself ---------------------------------------------------------------------------------
+LLAMACPP_VENV = os.path.expanduser(os.environ.get("WORKBENCH_LLAMACPP_VENV", "~/.cache/workbench/llamacpp-venv"))
+
+
+def llamacpp_python() -> str | None:
+    """The cached venv's Python if llama-cpp-python is built there (see README: GGUF export)."""
+    import subprocess
+
+    py = os.path.join(LLAMACPP_VENV, "bin", "python")
+    if not os.path.exists(py):
+        return None
+    ok = subprocess.run([py, "-c", "import llama_cpp"], capture_output=True, timeout=120).returncode == 0
+    return py if ok else None
+
+
+def llamacpp_top1(py: str, gguf_path, rows: list[list[int]], tmp) -> list[list[int]]:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "llamacpp_top1.py"
+    (tmp / "ids.json").write_text(json.dumps(rows))
+    r = subprocess.run([py, str(script), str(gguf_path), str(tmp / "ids.json"), str(tmp / "top1.json")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads((tmp / "top1.json").read_text())["top1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("typ,recipe,min_agree", [
+    ("F32", [{"op": "prune_blocks", "blocks": [10, 11, 12]}], 0.99),
+    ("Q8_0", [{"op": "prune_blocks", "blocks": [10, 11, 12]}], 0.97),
+    (None, [{"op": "quantize", "method": "rtn", "gguf": "Q4_0", "blocks": list(range(30))}], 0.99),
+])
+def test_llamacpp_loads_our_gguf_and_agrees_on_top1(default_lm, tmp_path, typ, recipe, min_agree):
+    """llama.cpp (llama-cpp-python, built once into a cached venv) loads our GGUF of the default model and
+    its greedy top-1 on the quick set matches the in-app variant's. F32 and our own Q4_0 codes hold the
+    in-app weights exactly (only the kernels' arithmetic differs); Q8_0 re-quantizes."""
+    py = llamacpp_python()
+    if py is None:
+        msg = f"llama-cpp-python is not built in {LLAMACPP_VENV} (README: GGUF export, building llama.cpp)"
+        print(f"SKIP: {msg}")
+        pytest.skip(msg)
+    from workbench.engine import eval as ev
+    from workbench.engine.export_gguf import export_gguf
+
+    lm = default_lm
+    v = _steps(lm, original_variant(lm.num_blocks), recipe)
+    out = export_gguf(lm, v, tmp_path / "g", {}, tensor_type=typ)
+    ids = ev.quick_cache(lm).ids[:2, :64]
+    with torch.no_grad():
+        want = view_model(lm.model, lm.adapter, v)(input_ids=ids).logits.argmax(-1)
+    got = torch.tensor(llamacpp_top1(py, out / "model.gguf", ids.tolist(), tmp_path))
+    agree = float((got == want).float().mean())
+    print(f"llama.cpp top-1 agreement ({typ or 'own codes'}): {agree:.4f}")
+    assert agree >= min_agree

@@ -361,6 +361,7 @@ def test_browser_sweep_click_point_apply(tiny_lm):
             page = browser.new_page(viewport={"width": 1300, "height": 1300})
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(f"http://127.0.0.1:{port}/")
+            page.get_by_role("tab", name="Model").click()  # the app opens on the Workbench tab
             page.get_by_role("button", name="Load", exact=True).click()
             page.wait_for_selector("#wb-model-info:has-text('3 blocks')", timeout=120_000)
             page.get_by_role("tab", name="Sparsity").click()

@@ -151,6 +151,7 @@ def cmd_eval(args) -> dict:
 def cmd_compress(args) -> dict:
     from workbench.engine import eval as ev
     from workbench.engine.errors import ExportError
+    from workbench.engine.emit import emit
     from workbench.engine.export import export_any
     from workbench.engine.recipe import variant_recipe
 
@@ -164,9 +165,13 @@ def cmd_compress(args) -> dict:
     metrics = {f"quick_{k}": v for k, v in quick.items() if k in ("kl", "top1", "ppl", "tokens")}
     metrics.update({"parameters": quick["parameters"], "bytes": quick["bytes"]})
     resolved = variant_recipe(lm, variant, calib)
+    extra = {}
+    for kind in args.emit or []:
+        name, text = emit(kind, resolved, variant.num_blocks, variant.dropped())
+        extra[name] = text
     out, fmt = export_any(lm, variant, args.out, resolved, fmt=args.format, gguf_type=args.gguf_type, metrics=metrics,
-                          overwrite=args.overwrite, progress=stderr_progress)
-    result = {"out": str(out), "format": fmt, "blocks_kept": len(variant.kept()), "dropped": variant.dropped(),
+                          overwrite=args.overwrite, progress=stderr_progress, extra_files=extra)
+    result = {"out": str(out), "format": fmt, "emitted": sorted(extra), "blocks_kept": len(variant.kept()), "dropped": variant.dropped(),
               "replaced": variant.replaced(), "metrics": metrics, "reports": variant.reports,
               "seconds": time.perf_counter() - t0}
     return document("compress", args, lm, recipe, calib, result, {"bytes": "bytes", "quick_kl": "nats per token", "seconds": "s"})
@@ -215,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"],
                    help="GGUF tensor type of the block weights (default: the quantized blocks' own GGUF scheme, "
                         "else the model's float dtype); implies --format gguf")
+    p.add_argument("--emit", action="append", choices=["llm-compressor", "llama-quantize"], default=None,
+                   help="also write, into the export folder, an llm-compressor recipe (YAML) reproducing the quantize "
+                        "steps, or the llama-quantize command reproducing a prune + per-block quantize plan "
+                        "(repeatable)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("analyze", help="block influence and the other analyses")
