@@ -30,6 +30,8 @@ from .workspace import Variant
 # 2: calibration windows open with the tokenizer's BOS where it adds one (`calibration.bos`); a recipe of
 # version 1 (or without a version) replays with its old windows (bos false).
 RECIPE_VERSION = 2
+MAX_RECIPE_BYTES = 4 * 2**20  # a recipe is a few kB; anything this large is not one
+MAX_RECIPE_DEPTH = 16  # a recipe nests 4 deep; deeper JSON is refused before the parser recurses
 OPS: dict[str, type["Step"]] = {}
 # Modules that define steps; each registers its ops on import.
 OP_MODULES = ["prune", "quantize", "fuse", "sparsify"]
@@ -95,6 +97,28 @@ class Step:
             raise RecipeError(f"step '{cls.op}': {e}") from e
 
 
+def json_depth(text: str) -> int:
+    """The deepest nesting of [ and { in JSON text (brackets inside strings not counted)."""
+    depth = deepest = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def step_from_dict(d: Any) -> Step:
     _load_ops()
     if not isinstance(d, dict) or "op" not in d:
@@ -150,14 +174,40 @@ class Recipe:
         return cls(model=str(d.get("model", DEFAULT_MODEL)), calibration=calib, steps=[step_from_dict(s) for s in steps])
 
     @classmethod
+    def from_text(cls, text: str | bytes, where: str = "the recipe") -> "Recipe":
+        """Parse recipe JSON, refusing what is not a recipe (binary, NUL bytes, over 4 MiB, nested deeper
+        than 16) with a RecipeError before the JSON parser sees it."""
+        if len(text) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{where} is {len(text) / 2**20:.1f} MiB: a recipe is a small JSON text (at most 4 MiB)")
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8-sig")
+            except UnicodeDecodeError:
+                raise RecipeError(f"{where} is not a text file (a recipe is UTF-8 JSON)") from None
+        if "\x00" in text:
+            raise RecipeError(f"{where} holds NUL bytes: it is a binary file, not a recipe")
+        depth = json_depth(text)
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"{where} nests {depth} levels deep; a recipe nests at most {MAX_RECIPE_DEPTH}")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"{where} is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
         p = Path(path)
         if not p.is_file():
             raise RecipeError(f"no such recipe file: {p}")
         try:
-            return cls.from_dict(json.loads(p.read_text()))
-        except json.JSONDecodeError as e:
-            raise RecipeError(f"{p} is not valid JSON: {e}") from e
+            size = p.stat().st_size
+            if size > MAX_RECIPE_BYTES:  # never read a huge file just to refuse it
+                raise RecipeError(f"{p} is {size / 2**20:.1f} MiB: a recipe is a small JSON text (at most 4 MiB)")
+            data = p.read_bytes()
+        except OSError as e:
+            raise RecipeError(f"cannot read the recipe file {p}: {e.strerror or e}") from e
+        return cls.from_text(data, where=str(p))
 
 
 def apply_steps(ctx: OpContext, variant: Variant, steps: list[Step], name: str | None = None) -> Variant:

@@ -23,7 +23,7 @@ MODES = ["prune", "fuse", "quantize"]
 DEFAULT_OBSERVER = "mse"
 DEFAULT_SHRINK = 0.4
 # What the fuse mode applies beyond rank and steps (bench/fuse_defaults.py measures them on the default model).
-FUSE_DEFAULTS = {"rank": 8, "steps": 16}
+FUSE_DEFAULTS = {"rank": 8, "steps": 16, "guard_samples": 4}
 COLOURS = {"kept": "#4C78A8", "selected": "#E45756", "dropped": "#C9C9C9", "fused": "#F58518",
            "quantized": "#54A24B", "sparse": "#B279A2", "changed": "#9D755D"}
 
@@ -162,7 +162,8 @@ def step_for(mode: str, blocks: list[int], kept: list[int], rank: int = 8, steps
     if mode == "fuse":
         if not blocks:
             raise RecipeError("select blocks to fuse: click their bars in the chart")
-        return {"op": "fuse_blocks", "blocks": order, "rank": int(rank), "steps": int(steps)}
+        return {"op": "fuse_blocks", "blocks": order, "rank": int(rank), "steps": int(steps),
+                "guard_samples": FUSE_DEFAULTS["guard_samples"]}
     if mode == "quantize":  # no selection: every kept block
         return {"op": "quantize", "method": method, "bits": int(bits), "group_size": int(group_size), "observer": observer,
                 "hessian_shrink": float(shrink),
@@ -200,8 +201,16 @@ def fuse_summary(report: dict) -> str:
         lo, hi = min(losses or [0.0]), max(losses or [0.0])
         spark = "".join("▁▂▃▄▅▆▇█"[int(7 * (x - lo) / (hi - lo)) if hi > lo else 0] for x in losses)
         lines.append(f"- block {r['block']} → {r['neighbours']}: {r['loss']} {r['loss_start']:.4g} → "
-                     f"{r['loss_end']:.4g} in {r['steps_run']} steps ({r['seconds']:.0f} s) `{spark}`")
+                     f"{r['loss_end']:.4g} in {r['steps_run']} steps ({r['seconds']:.0f} s) `{spark}`"
+                     + _guard_words(r.get("guard")))
     return "\n\nFusion (loss of the group vs. the block present):\n" + "\n".join(lines) if lines else ""
+
+
+def _guard_words(g: dict | None) -> str:
+    if not g:
+        return ""
+    return (f"; output KL on held-out calibration text: fused {g['kl_fused']:.4f}, plain removal "
+            f"{g['kl_removal']:.4f}, kept **{g['kept']}**")
 
 
 def undo(store, sid: str) -> tuple[str, str]:

@@ -90,9 +90,10 @@ def import_recipe(store, sid: str, text: str, upload: str | None, progress=gr.Pr
     """Replay a recipe (an uploaded file wins over the pasted text) from the original model."""
     from workbench.app import PanelContext, progress_fn
     from workbench.engine.errors import RecipeError
+    from workbench.engine.recipe import Recipe
 
     if upload:
-        text = Path(upload).read_text()
+        text = Recipe.from_file(upload).to_json()  # size, binary and nesting checks before reading it all
     if not (text or "").strip():
         raise RecipeError("paste a recipe or upload a recipe .json file")
     store.begin_job(sid)

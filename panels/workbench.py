@@ -47,6 +47,8 @@ def block_marks(variant) -> list[dict]:
         op = step.get("op")
         if op == "fuse_blocks":
             for r in (rep or {}).get("per_block") or []:
+                if (r.get("guard") or {}).get("kept") == "removal":
+                    continue  # the output guard kept plain removal: the neighbours are unchanged
                 for j in r.get("neighbours", []):
                     marks[j]["fused"] = True
         elif op == "quantize":
@@ -253,7 +255,15 @@ def status_words(store, sid, v, sibling=None) -> str:
             f"KL {num(q['kl'])}, top-1 {q['top1'] * 100:.0f} %, {mib(q['bytes'])}")
     if sibling is not None:
         qs = store.quick(sid, sibling)
-        verdict = "fusion helped" if q["kl"] < qs["kl"] else "fusion did not help here: try more steps or keep plain removal"
+        guards = [r.get("guard") or {} for r in (v.reports[-1] or {}).get("per_block") or []]
+        kept = [g.get("kept") for g in guards]
+        if "removal" in kept:
+            verdict = (f"fusion did not beat plain removal on held-out calibration text for {kept.count('removal')} of "
+                       f"{len(kept)} blocks, so plain removal was kept there")
+        elif q["kl"] < qs["kl"]:
+            verdict = "fusion helped"
+        else:
+            verdict = "fusion did not help here: try more steps or more calibration samples"
         text += (f". Plain removal of the same blocks → {sibling.name}: KL {num(qs['kl'])}, top-1 "
                  f"{qs['top1'] * 100:.0f} % ({verdict})")
     return text

@@ -155,7 +155,8 @@ def test_chart_values_states_and_click_toggle(store, sid):
 def test_step_dicts_and_preview(store, sid):
     kept = [0, 1, 2, 3]
     assert blocks.step_for("prune", [3, 1], kept) == {"op": "prune_blocks", "blocks": [1, 3]}
-    assert blocks.step_for("fuse", [2], kept, rank=4, steps=10) == {"op": "fuse_blocks", "blocks": [2], "rank": 4, "steps": 10}
+    assert blocks.step_for("fuse", [2], kept, rank=4, steps=10) == {"op": "fuse_blocks", "blocks": [2], "rank": 4, "steps": 10,
+                                                                    "guard_samples": 4}
     assert blocks.step_for("quantize", [], kept, method="rtn", bits=8, group_size=32) == {
         "op": "quantize", "method": "rtn", "bits": 8, "group_size": 32, "observer": "minmax", "hessian_shrink": 0.0,
         "blocks": kept}

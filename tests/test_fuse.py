@@ -336,3 +336,33 @@ def test_relative_mse_loss_by_hand_and_as_the_steps_start_loss(tiny_lm):
     assert rep["loss_start"] == pytest.approx(group_loss(student, teacher, "nmse").item(), rel=1e-5)
     _, report, _ = FuseBlocks(blocks=[5], loss="auto_nmse", **opts).apply(_ctx(lm), original_variant(6))
     assert report["per_block"][0]["loss"] == "kl"
+
+
+def test_output_guard_keeps_plain_removal_unless_the_fusion_is_better_on_held_out_text(tiny_lm):
+    """guard_samples > 0: KL(original || variant) of the output on other calibration windows (seed + 1),
+    recomputed here by hand; 0 steps (fused == removal exactly) is not better, so removal is kept."""
+    from workbench.engine.data import Calibration, calibration_ids
+    from workbench.engine.workspace import view_model
+
+    lm = tiny_lm("llama", layers=6)
+    v0 = original_variant(6)
+    ids = calibration_ids(lm.tokenizer, Calibration(samples=2, seq_len=24, seed=1))
+
+    def kl(variant):
+        ref = F.log_softmax(lm.model(input_ids=ids).logits[:, :-1].float(), -1)
+        got = F.log_softmax(view_model(lm.model, lm.adapter, variant)(input_ids=ids).logits[:, :-1].float(), -1)
+        return (ref.exp() * (ref - got)).sum(-1).mean().item()
+
+    same, report, resolved = FuseBlocks(blocks=[2], group=3, steps=0, guard_samples=2, **SMALL).apply(_ctx(lm), v0)
+    g = report["per_block"][0]["guard"]
+    assert g["kept"] == "removal" and g["kl_fused"] == pytest.approx(g["kl_removal"], rel=1e-6)
+    assert same.dropped() == [2] and not same.replaced() and resolved["guard_samples"] == 2
+    assert g["kl_removal"] == pytest.approx(kl(v0.with_dropped([2])), rel=1e-4) and g["tokens"] == 2 * 23
+    trained, report, _ = FuseBlocks(blocks=[2], group=3, steps=8, lr=3e-2, guard_samples=2, **SMALL).apply(_ctx(lm), v0)
+    g = report["per_block"][0]["guard"]
+    assert g["kl_fused"] != pytest.approx(g["kl_removal"], rel=1e-6)  # training changed the output
+    assert g["kept"] == ("fused" if g["kl_fused"] < g["kl_removal"] else "removal")
+    assert kl(trained) == pytest.approx(min(g["kl_fused"], g["kl_removal"]), rel=1e-4)
+    assert bool(trained.replaced()) == (g["kept"] == "fused")
+    unguarded, report, _ = FuseBlocks(blocks=[2], group=3, steps=8, lr=3e-2, **SMALL).apply(_ctx(lm), v0)
+    assert report["per_block"][0]["guard"] is None and unguarded.replaced()  # off by default: recipes replay

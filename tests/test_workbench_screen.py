@@ -76,7 +76,10 @@ def test_clipped_chart_labels_the_clipped_bar_with_its_real_value(store, sid):
     assert [a["text"] for a in fig["layout"]["annotations"]] == ["✂ 1"] and fig["layout"]["annotations"][0]["x"] == 0
 
 
-def test_a_fused_block_keeps_its_mark_when_quantized_and_sparsified(store, sid):
+def test_a_fused_block_keeps_its_mark_when_quantized_and_sparsified(store, sid, monkeypatch):
+    from workbench.panels import blocks as bp
+
+    monkeypatch.setitem(bp.FUSE_DEFAULTS, "guard_samples", 0)  # keep the fusion whatever it measures
     store.toggle(sid, 1)
     apply(store, sid, "fuse")
     fused = store.current(sid)
@@ -95,6 +98,11 @@ def test_a_fused_block_keeps_its_mark_when_quantized_and_sparsified(store, sid):
     assert bar["marker"]["color"][nb[1]] == wb.FILL["fused"] and bar["text"][nb[1]] == "4b"
     assert bar["marker"]["pattern"]["shape"][nb[0]] == "/" and bar["marker"]["color"][1] == wb.FILL["dropped"]
     assert "fused, 4-bit, 50% sparse" in bar["hovertext"][nb[0]]
+    # a fusion whose output guard kept plain removal marks no neighbour as fused
+    guarded = fused.derive("g")
+    guarded.reports = [dict(r) for r in fused.reports]
+    guarded.reports[-1]["per_block"] = [{**fused.reports[-1]["per_block"][0], "guard": {"kept": "removal"}}]
+    assert not any(m["fused"] for m in wb.block_marks(guarded))
 
 
 def test_click_selects_and_the_preview_column_matches_the_engine(store, sid):

@@ -51,7 +51,7 @@ import gradio as gr
 
 from workbench.engine.errors import Cancelled, WorkbenchError
 from workbench.engine.loading import DEFAULT_MODEL
-from workbench.store import Store
+from workbench.store import DEFAULT_BUDGET, DEFAULT_IDLE, Store
 
 log = logging.getLogger(__name__)
 
@@ -61,33 +61,62 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 HEAVY = {"concurrency_id": "heavy", "concurrency_limit": 1}
 
 
-def _message(e: WorkbenchError) -> gr.Error:
+def _message(e: BaseException) -> gr.Error:
     if isinstance(e, Cancelled):
         return gr.Error(f"Cancelled: {e}. Nothing was changed.", title="Cancelled")
-    return gr.Error(str(e), title=type(e).__name__)
+    if isinstance(e, WorkbenchError):
+        return gr.Error(str(e), title=type(e).__name__)
+    # an internal error: plain words in the page, the traceback in the server log
+    log.error("internal error in a handler", exc_info=e)
+    first = next((s for s in str(e).splitlines() if s.strip()), "")
+    return gr.Error(f"Something went wrong inside the workbench ({type(e).__name__}{': ' + first[:200] if first else ''}). "
+                    "Your session and its variants are unchanged; the server log has the details.",
+                    title="Internal error")
 
 
 def guard(fn):
-    """Turn WorkbenchError into a gr.Error message (the page stays alive; outputs stay as they were)."""
+    """Turn any failure into a gr.Error message (the page stays alive; outputs stay as they were):
+    a WorkbenchError in its own words, anything else as an internal error (gr.Error passes through)."""
+    if getattr(fn, "_wb_guarded", False) or fn is None:
+        return fn
     if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)
         def gen(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except WorkbenchError as e:
+            except gr.Error:
+                raise
+            except Exception as e:
                 raise _message(e) from e
 
+        gen._wb_guarded = True
         return gen
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        return fn  # none of ours; left to gradio
 
     @functools.wraps(fn)
     def plain(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except WorkbenchError as e:
+        except gr.Error:
+            raise
+        except Exception as e:
             raise _message(e) from e
 
+    plain._wb_guarded = True
     return plain
+
+
+def guard_all(demo: gr.Blocks) -> int:
+    """Guard every event handler of the app, panels' unguarded ones included. -> handlers wrapped."""
+    n = 0
+    for bf in demo.fns.values():
+        if bf.fn is not None and not getattr(bf.fn, "_wb_guarded", False):
+            wrapped = guard(bf.fn)
+            n += wrapped is not bf.fn
+            bf.fn = wrapped
+    return n
 
 
 class ChangeTrigger:
@@ -163,6 +192,7 @@ def build_app(model: str = DEFAULT_MODEL, device: str = "auto", store: Store | N
                 ctx.components[name] = mod.build(ctx)
         demo.load(functools.partial(start_session, store), outputs=[session, changed], api_name="start_session")
         trigger.wire(demo)
+        guard_all(demo)
     demo.workbench_store = store
     return demo
 
@@ -172,15 +202,99 @@ def css() -> str:
     return p.read_text() if p.is_file() else ""
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    h = (host or "").strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def read_auth_file(path: str) -> list[tuple[str, str]]:
+    """`user:password` lines (blank lines and # comments skipped) -> Gradio's auth list."""
+    p = Path(path).expanduser()
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise WorkbenchError(f"cannot read the auth file {p}: {getattr(e, 'strerror', None) or e}") from e
+    pairs = []
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, pw = line.partition(":")
+        if not sep or not user.strip() or not pw:
+            raise WorkbenchError(f"{p} line {n}: expected user:password")
+        pairs.append((user.strip(), pw))
+    if not pairs:
+        raise WorkbenchError(f"{p} holds no user:password line")
+    return pairs
+
+
+def check_exposure(host: str, auth_file: str | None, no_auth: bool) -> list[tuple[str, str]] | None:
+    """A host other than loopback needs --auth-file or an explicit --no-auth. -> Gradio's auth (or None);
+    prints what the choice means for whoever can reach the machine."""
+    if auth_file and no_auth:
+        raise WorkbenchError("--auth-file and --no-auth contradict each other: choose one")
+    auth = read_auth_file(auth_file) if auth_file else None
+    if is_loopback(host):
+        return auth
+    if auth is None and not no_auth:
+        raise WorkbenchError(f"--host {host} serves beyond this machine: anyone who can reach it could use the app "
+                             "(load models, write folders); pass --auth-file FILE (user:password lines) to require "
+                             "a login, or --no-auth to accept that")
+    if auth is None:
+        print(f"warning: serving on {host} without a login: anyone who can reach this machine can use the app",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"warning: serving on {host} over plain HTTP: passwords travel in clear; put it behind HTTPS "
+              "(a reverse proxy) or an SSH tunnel on an untrusted network", file=sys.stderr, flush=True)
+    return auth
+
+
 def launch(model: str | None = DEFAULT_MODEL, host: str = "127.0.0.1", port: int | None = 7860, device: str = "auto",
-           allow_pickle: bool = False, block: bool = True, load: dict | None = None, **kwargs):
+           allow_pickle: bool = False, block: bool = True, load: dict | None = None, auth_file: str | None = None,
+           no_auth: bool = False, session_idle: float | None = DEFAULT_IDLE, memory_budget: int | None = DEFAULT_BUDGET,
+           **kwargs):
     """Load the model first (so the page opens ready), then serve on host:port; never a share link.
-    `load`: further load_model options (dtype, max_memory, offload_folder) for every model the app loads."""
-    store = Store(default_model=model or DEFAULT_MODEL, device=device, allow_pickle=allow_pickle, **(load or {}))
+    `load`: further load_model options (dtype, max_memory, offload_folder) for every model the app loads.
+    A host other than loopback needs `auth_file` (or `no_auth`); see `check_exposure`."""
+    from workbench.engine.safe_folder import install_signal_cleanup, sweep_remembered
+
+    auth = check_exposure(host, auth_file, no_auth)
+    swept = sweep_remembered()  # temp folders of exports whose process was killed
+    if swept:
+        print(f"removed {len(swept)} leftover temporary export folder(s)", flush=True)
+    install_signal_cleanup()
+    store = Store(default_model=model or DEFAULT_MODEL, device=device, allow_pickle=allow_pickle,
+                  memory_budget=memory_budget, session_idle=session_idle, notify=_notify, **(load or {}))
     store.model(store.default_model, progress=lambda f, m: print(f"[{f * 100:5.1f}%] {m}", flush=True))
     demo = build_app(model=store.default_model, device=device, store=store)
     demo.queue(default_concurrency_limit=4)
+    store.start_expiry()
     # Open a browser tab only where there is a desktop to show it (a headless server has none).
     desktop = sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     kwargs.setdefault("inbrowser", desktop)
-    return demo.launch(server_name=host, server_port=port, share=False, css=css(), prevent_thread_lock=not block, **kwargs)
+    if auth:
+        kwargs["auth"] = auth
+    try:
+        out = demo.launch(server_name=host, server_port=port, share=False, css=css(), prevent_thread_lock=not block,
+                          **kwargs)
+    except BaseException:
+        store.close()
+        raise
+    if block:
+        store.close()
+    return out
+
+
+def _notify(msg: str) -> None:
+    """Tell the session (a toast when called inside an event), else the log."""
+    try:
+        gr.Info(msg)
+    except Exception:  # outside an event gradio has nobody to tell
+        log.info("%s", msg)

@@ -1,6 +1,7 @@
 """Headless CLI: the same engine as the app. The command names, flags and JSON shapes are a contract.
 
-    workbench [app] [--model M] [--host 127.0.0.1] [--port N]
+    workbench [app] [--model M] [--host 127.0.0.1] [--port N] [--auth-file FILE | --no-auth]
+                    [--session-idle 2h] [--memory-budget 2G]
     workbench info --model M [--json]
     workbench eval --model M [--recipe R] [--text FILE] [--seq-len N] [--max-tokens N] [--json]
     workbench compress --model M --recipe R --out DIR [--overwrite] [--format dense|compressed-tensors|gguf]
@@ -20,6 +21,8 @@ import json
 import logging
 import sys
 import time
+
+from workbench import validate as V
 
 SCHEMA_VERSION = 1
 EXIT_USER_ERROR = 2
@@ -41,7 +44,7 @@ def one_line(e: BaseException) -> str:
 
 def add_load_args(p: argparse.ArgumentParser) -> None:
     """How the model is loaded: device, precision, pickle permission (every command that loads one)."""
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--device", type=V.device, default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights' dtype: auto = the checkpoint's own (a GGUF: the smallest that holds it exactly)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle .bin weights (runs code!)")
@@ -53,15 +56,16 @@ def load_options(args) -> dict:
 
 
 def add_model_args(p: argparse.ArgumentParser, recipe: bool = True, calibration: bool = True) -> None:
-    p.add_argument("--model", default=None, help="default | local folder | file.gguf | hub id (default: default)")
+    p.add_argument("--model", type=V.model, default=None,
+                   help="default | local folder | file.gguf | hub id (default: default)")
     add_load_args(p)
     if recipe:
         p.add_argument("--recipe", default=None, help="recipe JSON: analyse/evaluate the variant it makes")
     if calibration:
         p.add_argument("--text", default=None, help="text file for calibration/evaluation (default corpus)")
-        p.add_argument("--samples", type=int, default=None, help="calibration samples")
-        p.add_argument("--seq-len", type=int, default=None, help="tokens per sample")
-        p.add_argument("--seed", type=int, default=None, help="calibration sampling seed")
+        p.add_argument("--samples", type=V.positive_int, default=None, help="calibration samples")
+        p.add_argument("--seq-len", type=V.positive_int, default=None, help="tokens per sample")
+        p.add_argument("--seed", type=V.non_negative_int, default=None, help="calibration sampling seed")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
 
@@ -182,21 +186,32 @@ def cmd_app(args) -> int:
 
     opts = load_options(args)
     launch(model=args.model, host=args.host, port=args.port, device=opts.pop("device"),
-           allow_pickle=opts.pop("allow_pickle"), load=opts)
+           allow_pickle=opts.pop("allow_pickle"), load=opts, auth_file=args.auth_file, no_auth=args.no_auth,
+           session_idle=args.session_idle, memory_budget=args.memory_budget)
     return 0
 
 
 # ---- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="workbench", description="Compression Workbench")
+    parser = V.Parser(prog="workbench", description="Compression Workbench")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("app", help="launch the local web app")
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", type=V.model, default="default")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=V.port, default=7860)
     add_load_args(p)
+    p.add_argument("--auth-file", default=None, metavar="FILE",
+                   help="require a login: user:password lines (Gradio's authentication); needed with a --host "
+                        "other than loopback unless --no-auth")
+    p.add_argument("--no-auth", action="store_true", help="serve a non-loopback --host without a login (anyone who "
+                                                         "can reach the machine can use the app)")
+    p.add_argument("--session-idle", type=V.duration, default=V.duration("2h"), metavar="TIME",
+                   help="forget a browser session idle this long (2h; 90m, 600s, off); a running job finishes first")
+    p.add_argument("--memory-budget", type=V.size, default=V.size("2G"), metavar="SIZE",
+                   help="memory for variants and cached results across sessions (2G; 512M, off); over it, cached "
+                        "results go first, then old variants' blocks (rebuilt from their recipe when needed)")
     p.set_defaults(func=cmd_app, returns_code=True)
 
     p = sub.add_parser("info", help="architecture, blocks, parameters, device")
@@ -205,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity (and KL / top-1 vs the original with a recipe)")
     add_model_args(p)
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    p.add_argument("--max-tokens", type=V.positive_int, default=None, help="evaluate at most this many tokens")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compress", help="apply a recipe and export a checkpoint")
@@ -240,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
-    if not argv or argv[0].startswith("--model") or argv[0] in ("--host", "--port"):
+    if not argv or argv[0].startswith("--model") or argv[0] in ("--host", "--port", "--auth-file", "--no-auth", "--session-idle", "--memory-budget"):
         argv = ["app", *argv]  # bare `workbench` launches the app
     args = parser.parse_args(argv)
     from workbench.engine.errors import WorkbenchError, WriteFailure

@@ -110,11 +110,16 @@ class FuseBlocks(Step):
     mi_samples: int = 2  # calibration windows (of the training ones) for Macro Influence in `k` mode
     dtype: str = "fp32"  # "bf16": autocast the group's forward (CUDA)
     seed: int = 0
+    # Output guard: > 0 scores each fusion and plain removal of the same block by KL(original || variant)
+    # of the model's output on this many other calibration windows (seed + 1), and keeps removal when
+    # the fusion is not better there: the local loss can fall while the output gets worse. 0 = off
+    # (older recipes replay unchanged); the app's fuse mode turns it on.
+    guard_samples: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "blocks", _int_tuple(self.blocks, "blocks"))
         ints = {"k": 0, "group": 1, "rank": 1, "lora_rank": 0, "steps": 0, "samples": 1, "seq_len": 2,
-                "batch": 1, "patience": 0, "mi_samples": 1, "seed": 0, "warmup": 0}
+                "batch": 1, "patience": 0, "mi_samples": 1, "seed": 0, "warmup": 0, "guard_samples": 0}
         for name, low in ints.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
@@ -157,6 +162,8 @@ class FuseBlocks(Step):
         ids = calibration_ids(lm.tokenizer, calib).to(lm.device)
         trace = trace_blocks(lm.model, lm.adapter, ids)  # h_0 and every block's call arguments
         stream = _Stream(lm, trace)
+        stream.guard = _OutputGuard(lm, Calibration(source=calib.source, samples=self.guard_samples, seq_len=self.seq_len,
+                                                   seed=calib.seed + 1)) if self.guard_samples else None
         cur = variant.derive(f"{variant.name}+fused")
         order, per_block = [], []
         for t in range(n):
@@ -243,6 +250,14 @@ class FuseBlocks(Step):
         for j, blk in students:
             new.overrides[j] = merge_block(lm.adapter, blk)
             new.tags[j] = "fused"
+        guard = None
+        if stream.guard is not None:
+            removal = variant.with_dropped([b], name=variant.name)
+            kl_fused, kl_removal = stream.guard.kl(new), stream.guard.kl(removal)
+            guard = {"kl_fused": kl_fused, "kl_removal": kl_removal, "tokens": stream.guard.tokens,
+                     "kept": "fused" if kl_fused < kl_removal else "removal"}
+            if guard["kept"] == "removal":
+                new = removal
         return new, {
             "block": b,
             "group": group,
@@ -252,6 +267,7 @@ class FuseBlocks(Step):
             "loss_end": loss_end,
             "steps_run": history["steps_run"],
             "history": history["history"],
+            "guard": guard,
             "seconds": time.perf_counter() - t0,
         }
 
@@ -310,6 +326,25 @@ class FuseBlocks(Step):
         return {"loss_start": loss_start, "loss_end": final, "history": history, "steps_run": step}
 
 
+class _OutputGuard:
+    """KL(original || variant) of the next-token distributions on held-out calibration windows; the
+    original's log-probabilities are computed once."""
+
+    def __init__(self, lm, calib: Calibration):
+        self.lm = lm
+        self.ids = calibration_ids(lm.tokenizer, calib).to(lm.device)
+        self.tokens = int(self.ids[:, 1:].numel())
+        self.ref = self._logp(lm.model)
+
+    @torch.no_grad()
+    def _logp(self, model) -> torch.Tensor:
+        return F.log_softmax(model(input_ids=self.ids, use_cache=False).logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+
+    def kl(self, variant: Variant) -> float:
+        logp = self._logp(view_model(self.lm.model, self.lm.adapter, variant))
+        return float((self.ref.exp() * (self.ref - logp)).sum(-1).mean())
+
+
 class _Stream:
     """The hidden state entering each kept block of the variant being built, cached across fusions:
     a fusion changes only blocks from its group's first block on, so the states before it stay valid."""
@@ -318,6 +353,7 @@ class _Stream:
         self.lm, self.trace = lm, trace
         self.inputs: dict[int, torch.Tensor] = {}  # original index -> (N, T, d); valid below `valid`
         self.valid = -1
+        self.guard: _OutputGuard | None = None  # set by the step when its output guard is on
 
     @torch.no_grad()
     def input_of(self, variant: Variant, first: int) -> torch.Tensor:

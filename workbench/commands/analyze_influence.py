@@ -11,13 +11,14 @@ from workbench.engine.analysis.influence import SCAN_SEQ_LEN as INFLUENCE_SEQ_LE
 
 
 def add_parser(sub) -> None:
+    from workbench import validate as V
     from workbench.cli import add_model_args
     from workbench.engine.analysis.influence import METRICS
 
     p = sub.add_parser("influence", help="per-block importance (Macro Influence, BI, angular, ppl drop)")
     add_model_args(p)
     p.add_argument("--metric", default="mi", choices=sorted(METRICS), help="which metric (default: mi)")
-    p.add_argument("--iterative", type=int, default=None, metavar="K",
+    p.add_argument("--iterative", type=V.positive_int, default=None, metavar="K",
                    help="also plan the removal of K blocks (iterative for mi and ppl, one-shot for bi/angular)")
     p.add_argument("--last-token", action="store_true",
                    help="angular: average over the last token only, as Gromov et al. do (default: every token)")

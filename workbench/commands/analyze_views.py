@@ -27,21 +27,22 @@ def _prompt(args) -> str | None:
 
 
 def add_parser(sub) -> None:
+    from workbench import validate as V
     from workbench.cli import add_model_args
 
     p = sub.add_parser("attention", help="attention maps of a prompt and token PageRank (Zero-TPrune)")
     add_model_args(p)
     p.add_argument("--prompt", default=None, help="prompt text, or @FILE (default: a built-in sentence)")
-    p.add_argument("--max-tokens", type=int, default=512, help="crop the prompt to its last N tokens (512)")
-    p.add_argument("--damping", type=float, default=0.85, help="PageRank damping d; 1 = no teleport (0.85)")
+    p.add_argument("--max-tokens", type=V.positive_int, default=512, help="crop the prompt to its last N tokens (512)")
+    p.add_argument("--damping", type=V.fraction, default=0.85, help="PageRank damping d; 1 = no teleport (0.85)")
     p.add_argument("--skip-first", action="store_true", help="leave the first (sink) token out of PageRank")
-    p.add_argument("--tol", type=float, default=1e-6, help="PageRank L1 tolerance (1e-6)")
+    p.add_argument("--tol", type=V.positive_float, default=1e-6, help="PageRank L1 tolerance (1e-6)")
     p.add_argument("--maps", action="store_true", help="include the head-averaged maps per layer in the JSON")
     p.set_defaults(func=run_attention)
 
     p = sub.add_parser("outliers", help="activation inf-norm/kurtosis per block and module; no-op heads")
     add_model_args(p)
-    p.add_argument("--top-k", type=int, default=8, help="outlier hidden dimensions listed per module (8)")
+    p.add_argument("--top-k", type=V.positive_int, default=8, help="outlier hidden dimensions listed per module (8)")
     p.set_defaults(func=run_outliers)
 
     p = sub.add_parser("map", help="2-D UMAP (PCA below 15 points) of blocks and heads")
@@ -52,8 +53,8 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--prompt", default=None, help="prompt text, or @FILE (default: a built-in sentence)")
     p.add_argument("--target", default=None, help="next token (text or id); default: original's greedy token")
-    p.add_argument("--steps", type=int, default=8, help="integration steps (8)")
-    p.add_argument("--max-tokens", type=int, default=32, help="crop the prompt to its last N tokens (32)")
+    p.add_argument("--steps", type=V.positive_int, default=8, help="integration steps (8)")
+    p.add_argument("--max-tokens", type=V.positive_int, default=32, help="crop the prompt to its last N tokens (32)")
     p.add_argument("--output", default="logprob", choices=["logprob", "logit"], help="what is attributed")
     p.set_defaults(func=run_attribution)
 
