@@ -96,7 +96,10 @@ def dense_tensors(model: nn.Module):
     (lm_head then reloads tied); a tensor met twice without ties is yielded as its own copy."""
     tied = ties_embeddings(model)
     seen: set[tuple] = set()
+    from .plan import state_value
+
     for name, t in model.state_dict().items():
+        t = state_value(model, name, t)  # an offloaded tensor: read from its memory map, one at a time
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if key in seen:
             if tied:

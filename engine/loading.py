@@ -88,6 +88,7 @@ class LoadedModel:
             "checkpoint_dtype": self.checkpoint_dtype,
             "dtype_note": self.dtype_note,
             "device": str(self.device),
+            "plan": self.plan.to_dict() if self.plan is not None else None,
         }
 
 
@@ -252,39 +253,6 @@ def convert_gguf(gguf: Path, progress: Progress = _no_progress) -> Path:
     return target
 
 
-def estimate_bytes(folder: Path, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes the weights take once loaded in `dtype` (checkpoints may be half precision on disk)."""
-    index = next(iter(folder.glob("*.safetensors.index.json")), None)
-    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
-    on_disk = sum(f.stat().st_size for f in files)
-    dtype_to, dtype = dtype, None
-    cfg = folder / "config.json"
-    if cfg.is_file():
-        try:
-            c = json.loads(cfg.read_text())
-            dtype = c.get("torch_dtype") or c.get("dtype")
-        except ValueError:
-            pass
-    stored = 2 if dtype in ("float16", "bfloat16") else 4
-    del index
-    return on_disk * torch.empty((), dtype=dtype_to).element_size() // stored
-
-
-def check_fits(needed: int, device: torch.device) -> None:
-    """Refuse clearly when the model cannot fit (weights plus ~30 % working room)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        avail, where = free, f"GPU {device}"
-    else:
-        import psutil
-
-        avail, where = psutil.virtual_memory().available, "RAM"
-    if needed * 1.3 > avail:
-        raise ModelLoadError(
-            f"the model needs about {needed * 1.3 / 2**30:.1f} GiB but only {avail / 2**30:.1f} GiB of {where} is free"
-        )
-
-
 def _resolve_folder(spec: str, allow_pickle: bool, progress: Progress) -> tuple[Path | str, str]:
     """-> (folder or hub id, display name)."""
     if spec == DEFAULT_MODEL:
@@ -330,11 +298,17 @@ def load_model(
     allow_pickle: bool = False,
     dtype: str | torch.dtype | None = "auto",
     progress: Progress = _no_progress,
+    max_memory: str | dict | None = None,
+    offload_folder: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM (or a BERT-style encoder, for the analyses) in eval mode, frozen."""
+    """Load a causal LM (or a BERT-style encoder, for the analyses) in eval mode, frozen, under the memory
+    plan (engine/plan.py) for `device` and `max_memory` ('cuda:0=20GiB,cpu=48GiB')."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    dev = resolve_device(device)
+    from . import plan as planning
+
+    gpus = planning.gpus_for(None if device is None else str(device))
+    budget = planning.parse_max_memory(max_memory)
     folder, name = _resolve_folder(str(spec), allow_pickle, progress)
     folder = Path(folder)
     try:
@@ -342,33 +316,62 @@ def load_model(
     except Exception as e:
         raise ModelLoadError(f"could not read the config in {folder}: {e}") from e
     dtype, dtype_note = choose_dtype(dtype, folder, config.model_type)
-    check_fits(estimate_bytes(folder, dtype), dev)
-    progress(0.92, f"loading {name} in {dtype_name(dtype)}")
     is_encoder = config.model_type in ("bert",)
+    cls = AutoModel if is_encoder else AutoModelForCausalLM
+    plan = plan_load(cls, config, dtype, gpus, budget, offload_folder, folder)
+    progress(0.92, f"loading {name} in {dtype_name(dtype)} ({plan.kind}, compute on {plan.compute})")
+    place = {}
+    if plan.device_map is not None:
+        place = {"device_map": plan.device_map, "offload_folder": plan.offload_folder}
+        if plan.offload_folder:
+            Path(plan.offload_folder).mkdir(parents=True, exist_ok=True)
     try:
-        cls = AutoModel if is_encoder else AutoModelForCausalLM
         model = cls.from_pretrained(
             folder,
             dtype=dtype,
             trust_remote_code=False,
             use_safetensors=None if allow_pickle else True,
+            **place,
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as e:  # corrupt weights, wrong shapes, unknown classes: one clear line
         if "Unrecognized configuration" in str(e) or "does not support" in str(e):
             raise UnsupportedArchitecture(f"transformers cannot build {config.model_type!r} as a causal LM") from e
         raise ModelLoadError(f"could not load {folder}: {type(e).__name__}: {e}") from e
-    lm = wrap_model(model, tokenizer, spec=str(spec), name=name, source=str(folder), device=dev)
+    lm = wrap_model(model, tokenizer, spec=str(spec), name=name, source=str(folder), device=torch.device(plan.compute),
+                    placed=plan.device_map is not None)
     lm.checkpoint_dtype = checkpoint_dtype(folder)
     lm.dtype_note = dtype_note
+    lm.plan = plan
     return lm
 
 
-def wrap_model(model, tokenizer, spec="(in memory)", name=None, source="(in memory)", device="cpu") -> LoadedModel:
-    """Freeze a model already in memory (tests build tiny ones from configs) and pick its adapter."""
+def plan_load(cls, config, dtype, gpus, budget, offload_folder, folder: Path):
+    """The memory plan for `config` in `dtype`, from a model built on the meta device (no memory)."""
+    from . import plan as planning
+
+    try:
+        with torch.device("meta"):
+            meta = cls.from_config(config, dtype=dtype)
+    except Exception as e:  # an architecture transformers cannot build: the load would fail the same way
+        raise UnsupportedArchitecture(f"transformers cannot build {config.model_type!r}: {e}") from e
+    adapter = adapter_for(meta)
+    parts, blocks = planning.module_bytes(meta, adapter, dtype)
+    work = planning.working_sets(config, dtype)
+    off = offload_folder or str(cache_dir() / "offload" / hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12])
+    return planning.make_plan(parts, blocks, adapter.blocks_path, work, gpus, planning.free_memory(gpus),
+                              budget, offload_folder=off)
+
+
+def wrap_model(model, tokenizer, spec="(in memory)", name=None, source="(in memory)", device="cpu",
+               placed: bool = False) -> LoadedModel:
+    """Freeze a model already in memory (tests build tiny ones from configs) and pick its adapter.
+    `placed`: a device map put its parts in place already (they are not moved)."""
     dev = resolve_device(device) if isinstance(device, str) else device
     adapter = adapter_for(model)
-    model.eval().to(dev)
+    model.eval()
+    if not placed:
+        model.to(dev)
     for p in model.parameters():
         p.requires_grad_(False)
     if getattr(model.config, "_attn_implementation", None) == "flash_attention_2":

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
+from .adapters.base import rebind_hooked_forward
+from .plan import onloaded, strip_hooks
 from .errors import BlockIndexError
 
 
@@ -125,8 +127,10 @@ def current_block(model: nn.Module, adapter: Adapter, variant: Variant, i: int) 
 
 
 def copy_block(block: nn.Module) -> nn.Module:
-    """A full copy of one block (new tensors), to be edited into a replacement."""
-    clone = copy.deepcopy(block)
+    """A full copy of one block (new tensors), to be edited into a replacement. An offloaded block's
+    weights are materialised for the copy, and the copy carries no offload hooks: a plain module."""
+    with onloaded(block):
+        clone = strip_hooks(copy.deepcopy(block))
     for p in clone.parameters():
         p.requires_grad_(False)
     return clone
@@ -159,11 +163,27 @@ def view_model(model: nn.Module, adapter: Adapter, variant: Variant) -> nn.Modul
     parent._modules[parts[-1]] = new_blocks
     if hasattr(root, "generation_config"):
         root.generation_config = copy.deepcopy(model.generation_config)
+    dmap = getattr(model, "hf_device_map", None)
+    if isinstance(dmap, dict):  # a model under a memory plan: the view's map names its own block indices
+        root.hf_device_map = _renumbered_map(dmap, adapter.blocks_path, [i for i, _ in kept])
     return root
 
 
+def _renumbered_map(dmap: dict, blocks_path: str, kept: list[int]) -> dict:
+    """A device map for the view: block j is the original block kept[j] (replacements compute on the CPU
+    device they were made on, which is where the original block's entry says; generation sizes its KV
+    cache from these names)."""
+    prefix = blocks_path + "."
+    out = {k: v for k, v in dmap.items() if not k.startswith(prefix)}
+    for j, i in enumerate(kept):
+        for k, v in dmap.items():
+            if k == f"{prefix}{i}" or k.startswith(f"{prefix}{i}."):
+                out[f"{prefix}{j}{k[len(prefix) + len(str(i)):]}"] = v
+    return out
+
+
 def _shallow(module: nn.Module) -> nn.Module:
-    clone = copy.copy(module)
+    clone = rebind_hooked_forward(copy.copy(module), module)
     clone._modules = dict(module._modules)
     clone._parameters = dict(module._parameters)
     clone._buffers = dict(module._buffers)

@@ -27,7 +27,9 @@ def describe(store, sid: str | None) -> str:
     """Markdown facts of the session's model (architecture, blocks, parameters, size, device)."""
     if not sid or store.session(sid).spec is None:
         return "No model loaded yet."
-    info = store.lm(sid).info()
+    lm = store.lm(sid)
+    info = lm.info()
+    plan = ("  \n" + "  \n".join(lm.plan.lines())) if lm.plan is not None else ""
     return (
         f"**{info['name']}**  \n"
         f"architecture `{info['architecture']}` (family {info['family']}, `{info['model_type']}`) · "
@@ -36,15 +38,18 @@ def describe(store, sid: str | None) -> str:
         f"device `{info['device']}`  \n"
         f"stored in **{info['storage_dtype']}**, computed in **{info['compute_dtype']}**"
         + (f" ({info['dtype_note']})" if info.get("dtype_note") else "")
-        + f"  \nsource: `{info['source']}`"
+        + f"  \nsource: `{info['source']}`" + plan
     )
 
 
-def load(store, sid: str, source: str, path: str, dtype: str = "auto", progress=gr.Progress()) -> tuple[str, str]:
-    """Load (first load of a GGUF dequantizes it once, ~20 s) in `dtype` and attach to the session."""
+def load(store, sid: str, source: str, path: str, dtype: str = "auto", max_memory: str = "",
+         offload_folder: str = "", progress=gr.Progress()) -> tuple[str, str]:
+    """Load (first load of a GGUF dequantizes it once, ~20 s) in `dtype` under the memory plan that
+    `max_memory` ('cuda:0=20GiB,cpu=48GiB'; empty: what is free) allows, and attach to the session."""
     from workbench.app import PanelContext, progress_fn
 
-    store.attach(sid, spec_for(source, path), progress_fn(progress), dtype=dtype)
+    store.attach(sid, spec_for(source, path), progress_fn(progress), dtype=dtype,
+                 max_memory=(max_memory or "").strip() or None, offload_folder=(offload_folder or "").strip() or None)
     return describe(store, sid), PanelContext.token()
 
 
@@ -56,12 +61,19 @@ def build(ctx) -> dict:
         dtype = gr.Dropdown(DTYPES, value="auto", label="Precision", scale=1,
                             info="auto: the checkpoint's own dtype")
         button = gr.Button("Load", variant="primary", scale=1)
+    with gr.Row():
+        max_memory = gr.Textbox(value="", label="Max memory (optional)", placeholder="cuda:0=20GiB,cpu=48GiB", scale=2,
+                                info="blocks beyond it stay offloaded and are onloaded at their turn")
+        offload = gr.Textbox(value="", label="Offload folder (optional)", placeholder="/path/for/offloaded/weights", scale=2)
     gr.Markdown("The default is SmolLM2-135M-Instruct from a Q4_1 GGUF: its first load dequantizes it once "
                 "(about 20 s) and caches it; later loads take seconds. Pickle `.bin` weights need `--allow-pickle`.",
                 elem_classes="wb-note")
     info = gr.Markdown(describe(store, None), elem_id="wb-model-info")
 
-    button.click(ctx.guard(lambda sid, src, p, dt, progress=gr.Progress(): load(store, sid, src, p, dt, progress)),
-                 inputs=[ctx.session, source, path, dtype], outputs=[info, ctx.changed], api_name="load_model", **ctx.heavy)
+    # defaults: API callers of the older (source, path) form keep working
+    button.click(ctx.guard(lambda sid, src, p, dt="auto", mm="", of="", progress=gr.Progress():
+                           load(store, sid, src, p, dt, mm, of, progress)),
+                 inputs=[ctx.session, source, path, dtype, max_memory, offload], outputs=[info, ctx.changed], api_name="load_model", **ctx.heavy)
     ctx.changed.change(ctx.guard(lambda sid: describe(store, sid)), inputs=ctx.session, outputs=info, show_progress="hidden")
-    return {"source": source, "path": path, "dtype": dtype, "load": button, "info": info}
+    return {"source": source, "path": path, "dtype": dtype, "max_memory": max_memory, "offload_folder": offload,
+            "load": button, "info": info}

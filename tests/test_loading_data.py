@@ -12,21 +12,6 @@ from workbench.engine import data, loading
 from workbench.engine.errors import DataError, ModelLoadError
 
 
-def test_refuses_a_model_that_cannot_fit(monkeypatch):
-    import psutil
-
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2**30))
-    with pytest.raises(ModelLoadError, match="needs about 2.6 GiB but only 1.0 GiB"):
-        loading.check_fits(2 * 2**30, torch.device("cpu"))
-    loading.check_fits(2**20, torch.device("cpu"))  # a small one passes
-
-
-def test_estimate_counts_half_precision_checkpoints_twice(tmp_path):
-    (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
-    (tmp_path / "config.json").write_text('{"torch_dtype": "bfloat16"}')
-    assert loading.estimate_bytes(tmp_path) == 2000
-
-
 def test_default_corpus_splits_are_disjoint_real_prose():
     calib, evals = data.split_texts("default")
     ca = set(calib.split("\n\n"))

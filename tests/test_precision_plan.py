@@ -191,3 +191,192 @@ def test_chunked_eval_equals_whole_logits(family, tiny_lm, monkeypatch, tmp_path
     assert q["kl"] == pytest.approx(rq["kl"], rel=2e-2, abs=1e-4)  # the reference is cached in fp16
     assert q["top1"] == pytest.approx(rq["top1"], abs=1e-9)
     assert qc.ref_nll == pytest.approx(rq["ref_nll"], rel=1e-5)
+
+
+# ---- the memory plan --------------------------------------------------------------------------------
+from workbench.engine import plan as P  # noqa: E402
+
+
+def _parts(nblocks=4, block=100, rest=50):
+    return {"model.embed_tokens": rest // 2, "model.norm": 0, "lm_head": rest - rest // 2}, [block] * nblocks
+
+
+def test_plan_whole_split_offload_and_refuse_on_hand_sizes():
+    parts, blocks = _parts()
+    work = {"job": 10}
+    G = 1000
+    # (a) whole on the GPU when it fits with the working set (450 * 1.0 + 10 <= 1000)
+    p = P.make_plan(parts, blocks, "model.layers", work, [0], {"cuda:0": G, "cpu": G}, overhead=1.0)
+    assert p.kind == "whole" and p.compute == "cuda:0" and p.device_map is None
+    # (b) two GPUs of 300: contiguous ranges, embeddings with the first GPU, head with the last
+    p = P.make_plan(parts, blocks, "model.layers", work, [0, 1], {"cuda:0": 300, "cuda:1": 300, "cpu": G}, overhead=1.0)
+    assert p.kind == "split" and p.block_devices == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+    assert p.device_map["model.embed_tokens"] == "cuda:0" and p.device_map["lm_head"] == "cuda:1"
+    assert p.device_map["model.layers.3"] == "cuda:1"
+    # (c) CPU only, RAM for the resident parts and two blocks: the rest memory-mapped from disk
+    p = P.make_plan(parts, blocks, "model.layers", work, [], {"cpu": 10 + 50 + 200}, overhead=1.0)
+    assert p.kind == "offload" and p.compute == "cpu" and p.block_devices == ["cpu", "cpu", "disk", "disk"]
+    assert p.bytes_per_device == {"cpu": 250, "disk": 200}
+    assert "2 of 4 blocks memory-mapped" in " ".join(p.lines())
+    # --max-memory caps what is free
+    p = P.make_plan(parts, blocks, "model.layers", work, [], {"cpu": G}, {"cpu": 10 + 50 + 100}, overhead=1.0)
+    assert p.block_devices == ["cpu", "disk", "disk", "disk"]
+    # refused only when the resident parts + one block + working set cannot fit, with the flag to pass
+    with pytest.raises(ModelLoadError, match=r"need 0\.00 GiB.*--max-memory cpu=0\.0GiB would make it fit"):
+        P.make_plan(parts, blocks, "model.layers", work, [], {"cpu": 100}, overhead=1.0)
+    with pytest.raises(ModelLoadError, match="cannot fit even offloaded"):
+        P.make_plan(parts, [2 * GiB_] * 2, "model.layers", work, [], {"cpu": GiB_}, overhead=1.48)
+
+
+GiB_ = 2**30
+
+
+def test_max_memory_and_size_parsing():
+    assert P.parse_max_memory("cuda:0=20GiB, cpu=48GB") == {"cuda:0": 20 * 2**30, "cpu": 48 * 10**9}
+    assert P.parse_size("512MiB") == 2**29
+    for bad, msg in (("cpu=lots", "cannot read the size"), ("tpu:0=1GiB", "use cpu or cuda:N"), ("cpu", "device=size")):
+        with pytest.raises(ModelLoadError, match=msg):
+            P.parse_max_memory(bad)
+    with pytest.raises(ModelLoadError, match="does not use"):
+        P.make_plan(*_parts(), "model.layers", {}, [], {"cpu": 10**9}, {"cuda:0": 10})
+
+
+@pytest.fixture(scope="module")
+def f32_folder(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("f32") / "m", layers=4, dtype=torch.float32, seed=3)
+
+
+def _offloaded(folder, tmp_path, dtype="auto", ram_blocks=1):
+    """The folder loaded under plan (c): RAM for the resident parts and `ram_blocks` blocks, the rest of
+    the blocks memory-mapped from the checkpoint; compute on the CPU."""
+    whole = loading.load_model(str(folder), device="cpu", dtype=dtype)
+    pl = whole.plan
+    block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in whole.adapter.blocks(whole.model))
+    rest = pl.weights_bytes - block * whole.num_blocks
+    cap = int(max(pl.working_set.values()) + (rest + (ram_blocks + 0.5) * block) * P.LOAD_OVERHEAD)
+    off = loading.load_model(str(folder), device="cpu", dtype=dtype, max_memory=f"cpu={cap}B",
+                             offload_folder=str(tmp_path / "offload"))
+    return whole, off
+
+
+def test_offloaded_plan_really_offloads(f32_folder, tmp_path):
+    whole, off = _offloaded(f32_folder, tmp_path)
+    assert whole.plan.kind == "whole" and off.plan.kind == "offload"
+    assert off.plan.block_devices == ["cpu", "disk", "disk", "disk"]
+    assert off.adapter.blocks(off.model)[2].mlp.up_proj.weight.device.type == "meta"  # not materialised
+    assert "blocks: 0 on cpu, 1-3 on disk" in "\n".join(off.plan.lines())
+    assert off.info()["plan"]["kind"] == "offload"
+
+
+def _same(a, b, rel=1e-5, path="result"):
+    """Nested results equal: floats to `rel` relative (abs 1e-7), everything else exactly."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            if not (str(k).endswith("_s") or "seconds" in str(k) or k == "elapsed"):  # timings differ, figures not
+                _same(a[k], b[k], rel, f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, rel, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.allclose(a.float(), b.float(), rtol=rel, atol=1e-6), path
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=rel, abs=1e-7), path
+    else:
+        assert a == b, path
+
+
+def test_every_job_under_the_offload_plan_equals_the_whole_plan(f32_folder, tmp_path, calib_text):
+    """Plan (c), weights memory-mapped and onloaded block by block, compute on the CPU: trace and quick
+    compare, MI/BI/angular/ppl scans (and the iterative plan), attention, outliers, sparsity sweep and
+    sensitivity, RTN, GPTQ, fusion, full evaluation, generation: the same figures (1e-5 relative)."""
+    from workbench.engine.analysis import attention, influence, outliers, sparsity
+    from workbench.engine.data import calibration_ids
+
+    whole, off = _offloaded(f32_folder, tmp_path)
+    calib = Calibration(source=calib_text, samples=4, seq_len=32)
+    ids = calibration_ids(whole.tokenizer, calib)
+    steps = [{"op": "quantize", "method": "gptq", "bits": 4, "group_size": 32, "blocks": [1]},
+             {"op": "quantize", "method": "rtn", "bits": 4, "group_size": 32, "blocks": [2], "error_report": True},
+             {"op": "sparsify", "sparsity": 0.5, "blocks": [3]},
+             {"op": "fuse_blocks", "blocks": [0], "group": 3, "steps": 2, "samples": 4, "seq_len": 32, "batch": 4},
+             ]
+    out = {}
+    for name, lm in (("whole", whole), ("offload", off)):
+        r = {}
+        v0 = original_variant(4)
+        r["quick"] = ev.quick_eval(lm, v0.with_dropped([2]))
+        for metric in ("mi", "bi", "angular", "ppl"):
+            r[metric] = influence.block_scores(lm, v0, ids, metric=metric)
+        r["plan"] = influence.removal_plan(lm, v0, ids, "mi", 2)
+        cap, r["attention"] = attention.analyze_attention(lm, v0, prompt="the quick brown fox", max_tokens=16)
+        r["outliers"] = outliers.outlier_stats(lm, v0, ids)
+        cfg = sparsity.SweepConfig(points=2, eval_tokens=64, seq_len=32, source=calib_text, patterns=("unstructured",))
+        r["sweep"] = sparsity.sweep(lm, cfg, calib_ids=ids)
+        r["sensitivity"] = sparsity.sensitivity(lm, tokens=64, source=calib_text, calib_ids=ids)
+        ctx = OpContext(lm=lm, calibration=calib)
+        v = apply_steps(ctx, v0, [step_from_dict(s) for s in steps])
+        r["reports"] = v.reports
+        r["weights"] = {i: v.overrides[i].state_dict() for i in v.replaced()}
+        r["full"] = ev.full_eval(lm, v, source=calib_text, seq_len=32, max_tokens=32 * 4)
+        r["generate"] = ev.generate(lm, v, "alpha beta", max_new_tokens=8, chat=False)["text"]
+        out[name] = r
+        assert all(p.device.type != "meta" for i in v.replaced() for p in v.overrides[i].parameters())
+    _same(out["whole"], out["offload"])
+
+
+def test_offloaded_export_reloads_and_equals_the_whole_plans(bf16_folder, tmp_path, calib_text):
+    """bf16 under plan (c): a pruned + RTN variant exports (streamed from the memory maps), reloads with
+    plain transformers in bf16, and equals the export made from the whole model tensor for tensor."""
+    import transformers as tf
+
+    from workbench.engine.export import export_variant
+    from workbench.engine.recipe import variant_recipe
+
+    whole, off = _offloaded(bf16_folder, tmp_path)
+    assert off.plan.kind == "offload" and off.storage_dtype == torch.bfloat16
+    calib = Calibration(source=calib_text, samples=4, seq_len=32)
+    steps = [{"op": "prune_blocks", "blocks": [1]}, {"op": "quantize", "method": "rtn", "bits": 4, "group_size": 32, "blocks": [3]}]
+    outs = {}
+    for name, lm in (("whole", whole), ("offload", off)):
+        v = apply_steps(OpContext(lm=lm, calibration=calib), original_variant(4), [step_from_dict(s) for s in steps])
+        out = export_variant(lm, v, tmp_path / name, variant_recipe(lm, v, calib))
+        outs[name] = tf.AutoModelForCausalLM.from_pretrained(out, dtype="auto").state_dict()
+    a, b = outs["whole"], outs["offload"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {t.dtype for t in b.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert sum(1 for k in b if k.endswith("mlp.up_proj.weight")) == 3
+
+
+def test_cli_refuses_a_model_that_cannot_fit_with_one_line(f32_folder, capsys):
+    from workbench.cli import main
+
+    assert main(["info", "--model", str(f32_folder), "--max-memory", "cpu=1MiB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the model cannot fit even offloaded")
+    assert "--max-memory cpu=" in err[0]
+    assert main(["info", "--model", str(f32_folder), "--max-memory", "cpu=lots"]) == 2
+    assert "cannot read the size 'lots'" in capsys.readouterr().err
+
+
+def test_cli_progress_says_the_step_and_elapsed_time_then_the_time_left():
+    import io
+
+    from workbench.cli import StderrProgress
+
+    now = [0.0]
+    out = io.StringIO()
+    prog = StderrProgress(stream=out, clock=lambda: now[0])
+    prog.units = 4
+    prog(0.0, "quantize: block 0 (gptq 4-bit)")
+    now[0] = 12.0
+    prog(0.0, "quantize: block 0 (gptq 4-bit)")
+    now[0] = 20.0
+    prog(0.25, "quantize: block 1 (gptq 4-bit)")  # first block done after 20 s: 3 blocks left
+    now[0] = 25.0
+    prog(0.1, "evaluate: 10 tokens")  # a new step: a new estimate
+    lines = out.getvalue().splitlines()
+    assert lines[1] == "[  0.0%] quantize: block 0 (gptq 4-bit) · 12 s elapsed"
+    assert "20 s elapsed, about 1 min 00 s left (20 s per block, 25% done)" in lines[2]
+    assert lines[3] == "[ 10.0%] evaluate: 10 tokens · 0 s elapsed"

@@ -32,8 +32,29 @@ log = logging.getLogger("workbench")
 
 
 # ---- shared plumbing ------------------------------------------------------------------------------
-def stderr_progress(frac: float, msg: str) -> None:
-    print(f"[{frac * 100:5.1f}%] {msg}", file=sys.stderr, flush=True)
+class StderrProgress:
+    """The CLI's long jobs on stderr: the step in words with the elapsed time while the first block runs,
+    then an estimate of the time left from the measured time per block (panels/jobs.Tracker's lines).
+    A new step (the words before ':' change, or the fraction goes back) starts a new estimate; `units`
+    is the model's block count, set once it is loaded."""
+
+    def __init__(self, stream=None, clock=time.monotonic):
+        self.stream, self.clock = stream, clock
+        self.units = 1
+        self.tracker = None
+        self.step = None
+
+    def __call__(self, frac: float, msg: str) -> None:
+        from workbench.panels.jobs import Tracker
+
+        step = msg.split(":", 1)[0]
+        if self.tracker is None or step != self.step or frac < self.tracker.frac - 1e-9:
+            self.tracker, self.step = Tracker(units=self.units, what=msg, clock=self.clock), step
+        self.tracker(frac, msg)
+        print(f"[{frac * 100:5.1f}%] {self.tracker.line()}", file=self.stream or sys.stderr, flush=True)
+
+
+stderr_progress = StderrProgress()
 
 
 def one_line(e: BaseException) -> str:
@@ -48,11 +69,17 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights' dtype: auto = the checkpoint's own (a GGUF: the smallest that holds it exactly)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle .bin weights (runs code!)")
+    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="memory each device may hold, e.g. cuda:0=20GiB,cpu=48GiB (default: what is free); "
+                        "blocks past it are offloaded and onloaded at their turn")
+    p.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="where offloaded weights that cannot be memory-mapped from the checkpoint are written")
 
 
 def load_options(args) -> dict:
     """load_model's keyword arguments from the parsed load flags."""
-    return {"device": args.device, "allow_pickle": args.allow_pickle, "dtype": getattr(args, "dtype", "auto")}
+    return {"device": args.device, "allow_pickle": args.allow_pickle, "dtype": getattr(args, "dtype", "auto"),
+            "max_memory": getattr(args, "max_memory", None), "offload_folder": getattr(args, "offload_folder", None)}
 
 
 def add_model_args(p: argparse.ArgumentParser, recipe: bool = True, calibration: bool = True) -> None:
@@ -88,6 +115,7 @@ def open_session(args, quiet_calibration: bool = False):
     if over:
         calib = Calibration(**{**calib.to_dict(), **over})
     lm = load_model(spec, progress=stderr_progress, **load_options(args))
+    stderr_progress.units = lm.num_blocks  # the jobs' estimates count blocks
     variant = original_variant(lm.num_blocks)
     if recipe.steps:
         ctx = OpContext(lm=lm, calibration=calib, progress=stderr_progress)

@@ -75,12 +75,15 @@ DEFAULT_BUDGET = 2 * 2**30
 DEFAULT_IDLE = 2 * 3600.0
 
 
-DTYPE_SEP = "@dtype="
+LOAD_SEP = "@load="
 
 
-def model_key(spec: str, dtype: str | None) -> str:
-    """The store's key for a checkpoint loaded in `dtype` (None / auto: the store's own choice)."""
-    return f"{spec}{DTYPE_SEP}{dtype}" if dtype and dtype != "auto" else spec
+def model_key(spec: str, dtype: str | None = None, max_memory: str | None = None, offload_folder: str | None = None) -> str:
+    """The store's key for a checkpoint loaded with the Model panel's choices (precision, memory plan);
+    none given (or auto): the plain spec, loaded with the store's own options."""
+    opts = {k: v for k, v in (("dtype", dtype), ("max_memory", max_memory), ("offload_folder", offload_folder))
+            if v and v != "auto"}
+    return f"{spec}{LOAD_SEP}{json.dumps(opts, sort_keys=True)}" if opts else spec
 
 
 class Store:
@@ -113,16 +116,14 @@ class Store:
         return spec
 
     def model(self, spec: str | None = None, progress=_quiet) -> LoadedModel:
-        """The model for `spec`, loaded once. `spec@dtype` (the Model panel's precision choice, see
-        model_key) is the same checkpoint loaded in that dtype, another model."""
+        """The model for `spec`, loaded once. A key from model_key (the Model panel's precision and memory
+        choices) is the same checkpoint loaded with those options: another model."""
         key = (spec or self.default_model).strip()
-        spec, _, dtype = key.partition(DTYPE_SEP)
+        spec, _, extra = key.partition(LOAD_SEP)
         with self._model_lock:  # one load at a time; the second asker gets the cached model
             lm = self._models.get(key)
             if lm is None:
-                opts = dict(self.load_options)
-                if dtype and dtype != "auto":
-                    opts["dtype"] = dtype
+                opts = {**self.load_options, **(json.loads(extra) if extra else {})}
                 lm = load_model(spec, device=self.device, allow_pickle=self.allow_pickle, progress=progress, **opts)
                 self._models[key] = lm
             return lm
@@ -167,10 +168,11 @@ class Store:
         s.last_used = time.monotonic()
         return s
 
-    def attach(self, sid: str, spec: str | None = None, progress=_quiet, dtype: str | None = None) -> LoadedModel:
+    def attach(self, sid: str, spec: str | None = None, progress=_quiet, dtype: str | None = None,
+               max_memory: str | None = None, offload_folder: str | None = None) -> LoadedModel:
         """Load (or reuse) a model and make it the session's; a different model resets its variants."""
         s = self.session(sid)
-        spec = model_key((spec or self.default_model).strip(), dtype)
+        spec = model_key((spec or self.default_model).strip(), dtype, max_memory, offload_folder)
         lm = self.model(spec, progress)
         if s.spec != spec or s.current is None:
             root = original_variant(lm.num_blocks)

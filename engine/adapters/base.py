@@ -7,6 +7,7 @@ Only adapters spell paths like `model.layers`; everything else asks the adapter 
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -158,8 +159,25 @@ def _carries_layer_idx(module: nn.Module) -> bool:
     return any(hasattr(m, "layer_idx") for m in module.modules())
 
 
+def rebind_hooked_forward(clone: nn.Module, original: nn.Module) -> nn.Module:
+    """Point a shallow copy's accelerate-hooked forward at the copy itself.
+
+    A model loaded under a device map (engine/plan.py) has `forward` replaced, per module, by a partial
+    bound to that module, and `_old_forward` bound to it too. copy.copy keeps both in the copy's
+    __dict__, so calling the copy would run the original (its blocks, its layer_idx): a variant's view
+    would silently compute the original model. Rebinding both to the copy fixes that.
+    """
+    if "_old_forward" not in original.__dict__ or not isinstance(original.__dict__.get("forward"), functools.partial):
+        return clone
+    old = original.__dict__["_old_forward"]
+    clone._old_forward = old.__func__.__get__(clone) if getattr(old, "__self__", None) is original else old
+    clone.forward = functools.update_wrapper(functools.partial(original.forward.func, clone), clone._old_forward)
+    return clone
+
+
 def _rebind(module: nn.Module, new_idx: int) -> nn.Module:
     clone = copy.copy(module)
+    rebind_hooked_forward(clone, module)
     clone._modules = dict(module._modules)  # own child table; children still shared
     if hasattr(clone, "layer_idx"):
         clone.layer_idx = new_idx

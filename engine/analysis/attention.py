@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..adapters.base import rebind_hooked_forward
 from ..errors import UnsupportedArchitecture, WorkbenchError
 from ..hooks import hooks
 from ..loading import LoadedModel
@@ -51,7 +52,7 @@ def isolated_view(lm: LoadedModel, variant: Variant, attn_implementation: str | 
 
 
 def _clone_tree(module: nn.Module, configs: dict, impl: str | None) -> nn.Module:
-    clone = copy.copy(module)
+    clone = rebind_hooked_forward(copy.copy(module), module)  # an offloaded model's hooks: the copy's own
     d = clone.__dict__
     d["_modules"] = OrderedDict((n, None if c is None else _clone_tree(c, configs, impl)) for n, c in module._modules.items())
     d["_parameters"] = dict(module._parameters)

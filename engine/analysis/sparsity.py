@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import data
 from ..adapters import linear_weight
+from ..plan import linear_value
 from ..errors import Cancelled, RecipeError
 from ..eval import compare, run_from
 from ..hooks import BlockTrace, hooks, trace_blocks
@@ -295,7 +296,7 @@ class Pruner:
         return self._norms
 
     def scores(self, method: str, target: Target) -> torch.Tensor:
-        w = linear_weight(target.module)
+        w = linear_value(target.module)  # an offloaded linear's weight is read from its memory map
         if method == "magnitude":
             return magnitude_scores(w)
         return wanda_scores(w, self.norms()[target.key])
@@ -418,7 +419,7 @@ def build_pruned(lm: LoadedModel, variant: Variant, targets: list[Target], masks
     weights = []
     with torch.no_grad():
         for t, keep in zip(targets, masks):
-            w0 = linear_weight(t.module)
+            w0 = linear_value(t.module)
             if t.block not in touched:
                 weights.append(w0)
                 continue
