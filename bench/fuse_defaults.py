@@ -39,7 +39,6 @@ def main() -> None:
     ap.add_argument("--blocks", default="", help="comma-separated original indices (default: every third)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a fuse_blocks field (default: the app's fuse mode settings)")
-    ap.add_argument("--app-defaults", action="store_true", default=True)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared CPU)")
     ap.add_argument("--json-out", default="")
     args = ap.parse_args()
