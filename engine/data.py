@@ -7,6 +7,12 @@ installs with `--no-deps` (we read the files, we never import gensim):
 - evaluation: `lee.cor` (50 other articles), held out.
 A person's own text file is split at a paragraph boundary: the first 80 % calibrates, the rest evaluates.
 `hf:<dataset id>[:<file>]` reads a text file from a hub dataset repository when online.
+
+Windows (`windows`, the one builder every job uses: quick set, full evaluation, scans, GPTQ Hessians,
+Wanda statistics, fusion data) follow the model's own convention: where its tokenizer adds a BOS token by
+default (Gemma, Llama 3), every window starts with BOS followed by seq_len - 1 text tokens, so the model
+sees its inputs as it does in use; BOS is only ever context, never a scored target. Where the tokenizer
+adds none (SmolLM2, GPT-2) a window is seq_len text tokens, as before.
 """
 
 from __future__ import annotations
@@ -27,12 +33,16 @@ QUICK_SEQ_LEN = 128
 
 @dataclass(frozen=True)
 class Calibration:
-    """Which text calibrates, and how much of it: `samples` windows of `seq_len` tokens, from `seed`."""
+    """Which text calibrates, and how much of it: `samples` windows of `seq_len` tokens, from `seed`.
+
+    `bos`: start each window with the tokenizer's BOS where it adds one by default (recipes of version 1
+    were made without, and replay with bos false)."""
 
     source: str = DEFAULT_SOURCE
     samples: int = 8
     seq_len: int = 128
     seed: int = 0
+    bos: bool = True
 
     def __post_init__(self):
         for name in ("samples", "seq_len"):
@@ -41,6 +51,8 @@ class Calibration:
                 raise DataError(f"calibration.{name} must be a positive integer, got {v!r}")
         if not isinstance(self.seed, int):
             raise DataError(f"calibration.seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.bos, bool):
+            raise DataError(f"calibration.bos must be true or false, got {self.bos!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,7 +60,7 @@ class Calibration:
     @classmethod
     def from_dict(cls, d: dict | None) -> "Calibration":
         d = dict(d or {})
-        unknown = set(d) - {"source", "samples", "seq_len", "seed"}
+        unknown = set(d) - {"source", "samples", "seq_len", "seed", "bos"}
         if unknown:
             raise DataError(f"unknown calibration field(s): {sorted(unknown)}")
         return cls(**d)
@@ -130,29 +142,64 @@ def _cached_stream(tokenizer, source: str, part: int) -> torch.Tensor:
     return _token_stream(tokenizer, split_texts(source)[part])
 
 
+@lru_cache(maxsize=16)
+def bos_id(tokenizer) -> int | None:
+    """The BOS token id where the tokenizer adds it by default (Gemma, Llama 3), else None (SmolLM2, GPT-2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        plain = tokenizer("Hello", add_special_tokens=False)["input_ids"]
+        special = tokenizer("Hello")["input_ids"]
+    except Exception:  # a tokenizer that cannot say: take it as adding nothing
+        return None
+    if special and special[0] == bos and (not plain or plain[0] != bos):
+        return int(bos)
+    return None
+
+
+def windows(stream: torch.Tensor, starts: list[int], seq_len: int, bos: int | None) -> torch.Tensor:
+    """(len(starts), seq_len) windows of a token stream; with a BOS id each is BOS + seq_len - 1 tokens."""
+    body = seq_len - (bos is not None)
+    rows = [stream[s : s + body] for s in starts]
+    if bos is not None:
+        rows = [torch.cat([torch.tensor([bos], dtype=stream.dtype), r]) for r in rows]
+    return torch.stack(rows)
+
+
+def _bos_for(tokenizer, use: bool) -> int | None:
+    return bos_id(tokenizer) if use else None
+
+
 def calibration_ids(tokenizer, calib: Calibration) -> torch.Tensor:
     """(samples, seq_len) random windows of the calibration split, reproducible from the seed."""
     stream = _cached_stream(tokenizer, calib.source, 0)
     if stream.numel() < calib.seq_len + 1:
         raise DataError(f"calibration text has {stream.numel()} tokens, fewer than seq_len={calib.seq_len}")
+    bos = _bos_for(tokenizer, calib.bos)
+    body = calib.seq_len - (bos is not None)
     g = torch.Generator().manual_seed(calib.seed)
-    starts = torch.randint(0, stream.numel() - calib.seq_len, (calib.samples,), generator=g)
-    return torch.stack([stream[s : s + calib.seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, stream.numel() - body, (calib.samples,), generator=g)
+    return windows(stream, starts.tolist(), calib.seq_len, bos)
 
 
-def evaluation_ids(tokenizer, source: str = DEFAULT_SOURCE, seq_len: int = 256, max_tokens: int | None = None) -> torch.Tensor:
-    """(n, seq_len) contiguous, non-overlapping chunks of the evaluation split (up to max_tokens)."""
+def evaluation_ids(tokenizer, source: str = DEFAULT_SOURCE, seq_len: int = 256, max_tokens: int | None = None,
+                   bos: bool = True) -> torch.Tensor:
+    """(n, seq_len) contiguous, non-overlapping chunks of the evaluation split (up to max_tokens of text),
+    each opened by BOS where the tokenizer adds one (then each chunk holds seq_len - 1 text tokens)."""
     if seq_len < 2:
         raise DataError("seq_len must be at least 2")
     stream = _cached_stream(tokenizer, source, 1)
+    bos_tok = _bos_for(tokenizer, bos)
+    body = seq_len - (bos_tok is not None)
     if max_tokens is not None:
-        stream = stream[: max(max_tokens, seq_len)]
-    n = stream.numel() // seq_len
+        stream = stream[: max(max_tokens, body)]
+    n = stream.numel() // body
     if n == 0:
         raise DataError(f"evaluation text has {stream.numel()} tokens, fewer than seq_len={seq_len}")
-    return stream[: n * seq_len].view(n, seq_len)
+    return windows(stream, [i * body for i in range(n)], seq_len, bos_tok)
 
 
 def quick_ids(tokenizer, source: str = DEFAULT_SOURCE) -> torch.Tensor:
-    """The fixed quick set: the first QUICK_SAMPLES x QUICK_SEQ_LEN tokens of the evaluation split."""
+    """The fixed quick set: the first QUICK_SAMPLES windows of QUICK_SEQ_LEN tokens of the evaluation split."""
     return evaluation_ids(tokenizer, source, QUICK_SEQ_LEN, QUICK_SAMPLES * QUICK_SEQ_LEN)[:QUICK_SAMPLES]

@@ -55,6 +55,11 @@ def check_exportable(lm: LoadedModel, variant: Variant) -> None:
         import compressed_tensors  # noqa: F401
     except ImportError as e:
         raise ExportError("the compressed-tensors export needs the `compressed-tensors` package") from e
+    if getattr(lm.adapter, "is_moe", False):
+        raise ExportError(
+            f"the compressed-tensors export does not write mixture-of-experts models ({lm.adapter.family}: its "
+            "experts are 3-D tensors, which the format packs per expert linear); use the dense export"
+        )
     mods = quantized_linears(view_model(lm.model, lm.adapter, variant))
     if not mods:
         raise ExportError("this variant has no quantized blocks: use the dense export")

@@ -27,7 +27,9 @@ from .errors import Cancelled, DataError, RecipeError
 from .loading import DEFAULT_MODEL, LoadedModel
 from .workspace import Variant
 
-RECIPE_VERSION = 1
+# 2: calibration windows open with the tokenizer's BOS where it adds one (`calibration.bos`); a recipe of
+# version 1 (or without a version) replays with its old windows (bos false).
+RECIPE_VERSION = 2
 MAX_RECIPE_BYTES = 4 * 2**20  # a recipe is a few kB; anything this large is not one
 MAX_RECIPE_DEPTH = 16  # a recipe nests 4 deep; deeper JSON is refused before the parser recurses
 OPS: dict[str, type["Step"]] = {}
@@ -154,8 +156,19 @@ class Recipe:
         steps = d.get("steps", [])
         if not isinstance(steps, list):
             raise RecipeError("'steps' must be a list")
+        version = d.get("recipe_version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise RecipeError(f"'recipe_version' must be a positive integer, got {version!r}")
+        if version > RECIPE_VERSION:
+            raise RecipeError(f"recipe version {version} is newer than this workbench reads ({RECIPE_VERSION}): update it")
+        calib_d = d.get("calibration") or {}
+        if not isinstance(calib_d, dict):
+            raise RecipeError("'calibration' must be an object")
+        calib_d = dict(calib_d)
+        if version < 2:
+            calib_d.setdefault("bos", False)  # version-1 windows had no BOS
         try:
-            calib = Calibration.from_dict(d.get("calibration"))
+            calib = Calibration.from_dict(calib_d)
         except DataError as e:
             raise RecipeError(str(e)) from e
         return cls(model=str(d.get("model", DEFAULT_MODEL)), calibration=calib, steps=[step_from_dict(s) for s in steps])

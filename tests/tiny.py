@@ -1,4 +1,4 @@
-"""Tiny random models built from configs (no download), one per adapter family."""
+"""Tiny random models built from configs (no download), one per decoder family the workbench supports."""
 
 from __future__ import annotations
 
@@ -12,16 +12,42 @@ def tiny_config(family: str, layers: int = 4):
 
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # inside the tiny vocabulary
     if family == "llama":
         return tf.LlamaConfig(**common, tie_word_embeddings=True)
     if family == "mistral":
         return tf.MistralConfig(**common)
     if family == "qwen2":
         return tf.Qwen2Config(**common)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=8, **ids)
     if family == "gemma2":
         return tf.Gemma2Config(**common, head_dim=8, sliding_window=64)
     if family == "gemma3":
         return tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=64)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(**common, **ids)
+    if family == "smollm3":
+        return tf.SmolLM3Config(**common, **ids)
+    if family == "olmo2":
+        return tf.Olmo2Config(**common, **ids)
+    if family == "granite":  # logits divided by logits_scaling, scaled residuals and embeddings
+        return tf.GraniteConfig(**common, **ids, logits_scaling=4.0, residual_multiplier=0.5,
+                                embedding_multiplier=2.0, attention_multiplier=0.3)
+    if family == "gpt-neox":  # query_key_value interleaved per head
+        return tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                num_attention_heads=4, max_position_embeddings=256, **ids)
+    if family.startswith("falcon"):  # three fused layouts
+        layout = {"falcon": dict(new_decoder_architecture=True, num_kv_heads=2),
+                  "falcon-mq": dict(new_decoder_architecture=False, multi_query=True),
+                  "falcon-mha": dict(new_decoder_architecture=False, multi_query=False, parallel_attn=False)}[family]
+        return tf.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                               ffn_hidden_size=64, max_position_embeddings=256, alibi=False, **layout, **ids)
+    if family == "mixtral":
+        return tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=32, decoder_sparse_step=1, **ids)
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=256)
     if family == "opt":
@@ -43,12 +69,16 @@ def tiny_model(family: str, layers: int = 4, seed: int = 0):
     # Random init is near-identity in residual nets; scale up so blocks matter and tests can fail.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "emb" not in name and "wte" not in name and "wpe" not in name:
+            if p.dim() >= 2 and "emb" not in name and "wte" not in name and "wpe" not in name:
                 p.mul_(8.0)
     return model.eval()
 
 
 CAUSAL_FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gemma3", "gpt2", "opt"]
+# Every dense decoder family tested end to end in tests/test_families.py
+DENSE_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "smollm3", "olmo2", "granite",
+                  "gpt2", "opt", "gpt-neox", "falcon", "falcon-mq", "falcon-mha"]
+MOE_FAMILIES = ["mixtral", "qwen3_moe"]
 
 
 def tiny_bpe_tokenizer(merges: tuple = ()):

@@ -144,6 +144,11 @@ class FuseBlocks(Step):
         lm = ctx.lm
         n = len(self.blocks) or self.k
         kept = variant.kept()
+        if getattr(lm.adapter, "is_moe", False):
+            raise RecipeError(
+                f"step 'fuse_blocks': {lm.adapter.family} blocks are mixtures of experts, which fusion does not "
+                "handle yet (their experts are 3-D tensors routed per token); prune or quantize them instead"
+            )
         if self.blocks:
             variant.check_indices(self.blocks)
             gone = [b for b in self.blocks if b not in kept]
@@ -153,7 +158,7 @@ class FuseBlocks(Step):
             raise BlockIndexError(f"step 'fuse_blocks': cannot fuse {n} of the {len(kept)} blocks kept; keep at least one")
         t0 = time.perf_counter()
         calib = Calibration(source=ctx.calibration.source, samples=self.samples, seq_len=self.seq_len,
-                            seed=ctx.calibration.seed)
+                            seed=ctx.calibration.seed, bos=ctx.calibration.bos)
         ids = calibration_ids(lm.tokenizer, calib).to(lm.device)
         trace = trace_blocks(lm.model, lm.adapter, ids)  # h_0 and every block's call arguments
         stream = _Stream(lm, trace)

@@ -301,6 +301,13 @@ def quantize_block(block: nn.Module, adapter, hidden: torch.Tensor, call: BlockC
             quantized_params.add(id(linears[name].weight))
             n_weights += linears[name].weight.numel()
             q_bytes += nb
+    experts_report = None
+    experts = adapter.experts(q_block) if getattr(adapter, "is_moe", False) else None
+    if experts is not None:  # each expert's slices, on the tokens routed to it by the quantized attention
+        experts_report, nw, nb = _quantize_experts(q_block, experts, hidden, call, scheme, method)
+        quantized_params |= {id(experts.gate_up_proj), id(experts.down_proj)}
+        n_weights += nw
+        q_bytes += nb
     other = _param_bytes(q_block, quantized_params)
     q_block.workbench_nbytes = q_bytes + other
     report = {
@@ -311,7 +318,41 @@ def quantize_block(block: nn.Module, adapter, hidden: torch.Tensor, call: BlockC
         "bytes_after": q_block.workbench_nbytes,
         "bytes_saved": orig_bytes - q_block.workbench_nbytes,
     }
+    if experts_report is not None:
+        report["experts"] = experts_report
+        report["notes"] = [e["note"] for e in experts_report.values() if "note" in e]
     return q_block, report
+
+
+def _check_expert_groups(experts, scheme: solver.Scheme) -> None:
+    if scheme.group_size == -1:
+        return
+    for name in ("gate_up_proj", "down_proj"):
+        cols = getattr(experts, name).shape[-1]
+        if cols % scheme.group_size:
+            raise RecipeError(f"step 'quantize': group_size {scheme.group_size} does not divide the input width "
+                              f"{cols} of the experts' {name}; use group_size -1 (per channel)")
+
+
+def _quantize_experts(q_block, experts, hidden, call, scheme: solver.Scheme, method: str):
+    """Per-expert GPTQ (or RTN) of an MoE block's 3-D expert tensors; the router is left alone."""
+    from ..adapters.experts import RoutedInputs, quantize_experts
+
+    _check_expert_groups(experts, scheme)
+    routed = RoutedInputs(experts)
+    with hooks(routed.handle()):
+        _run(q_block, hidden, call)
+
+    def solve(W, H, use):
+        rtn_res = solver.rtn(W, scheme, hessian=H)
+        res = rtn_res if use == "rtn" else solver.gptq(W, H, scheme, grid=(rtn_res.scale, rtn_res.zero))
+        return res.weight, {"shape": list(W.shape), "error": res.error, "rtn_error": rtn_res.error}
+
+    rep = quantize_experts(experts, routed, solve, method)
+    scale_bytes = min(experts.gate_up_proj.element_size(), 4)
+    nb = sum(solver.packed_nbytes(*t.shape[1:], scheme, scale_bytes=scale_bytes) * t.shape[0]
+             for t in (experts.gate_up_proj, experts.down_proj))
+    return rep, experts.gate_up_proj.numel() + experts.down_proj.numel(), nb
 
 
 def _record(mod: nn.Module, res, scheme: solver.Scheme, method: str) -> int:
@@ -342,6 +383,16 @@ def rtn_block(block: nn.Module, adapter, scheme: solver.Scheme) -> tuple[nn.Modu
         done.add(id(mod.weight))
         n_weights += W.numel()
         q_bytes += nb
+    experts = adapter.experts(q_block) if getattr(adapter, "is_moe", False) else None
+    if experts is not None:  # every expert slice on its own grid; the router is left alone
+        _check_expert_groups(experts, scheme)
+        for name in ("gate_up_proj", "down_proj"):
+            t = getattr(experts, name)
+            for e in range(t.shape[0]):
+                t.data[e] = solver.rtn(t[e].detach(), scheme).weight.to(t.dtype)
+            q_bytes += solver.packed_nbytes(*t.shape[1:], scheme, scale_bytes=min(t.element_size(), 4)) * t.shape[0]
+            n_weights += t.numel()
+            done.add(id(t))
     orig_bytes = _param_bytes(block, set())
     q_block.workbench_nbytes = q_bytes + _param_bytes(q_block, done)
     return q_block, {"linears": per_linear, "bits_per_weight": 8 * q_bytes / max(n_weights, 1),
