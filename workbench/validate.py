@@ -39,24 +39,22 @@ def model(value: str) -> str:
     return v
 
 
-def positive_int(value: str) -> int:
+def _whole_number(value: str, low: int, says: str) -> int:
     try:
         v = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be {says}, got {v}")
     return v
+
+
+def positive_int(value: str) -> int:
+    return _whole_number(value, 1, "at least 1")
 
 
 def non_negative_int(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
+    return _whole_number(value, 0, "0 or more")
 
 
 def port(value: str) -> int:
