@@ -225,7 +225,7 @@ def _pre_tokenizer_name(tok_json: dict) -> str:
     kinds = [p.get("type") for p in pre.get("pretokenizers", [])] if pre.get("type") == "Sequence" else [pre.get("type")]
     text = json.dumps(pre)
     if kinds == ["ByteLevel"]:
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (it refuses "gpt2")
     if kinds == ["Digits", "ByteLevel"]:
         return "smollm"
     if "\\\\p{N}{1,3}" in text:
