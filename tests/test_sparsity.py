@@ -313,9 +313,11 @@ def test_gpu_masks_equal_cpu():
 def test_cli_rejects_unknown_method_in_one_line(capsys):
     from workbench.cli import main
 
-    assert main(["analyze", "sparsity", "--methods", "random", "--json"]) == 2
+    with pytest.raises(SystemExit) as e:  # refused while parsing, before any model loads
+        main(["analyze", "sparsity", "--methods", "random", "--json"])
     err = capsys.readouterr().err
-    assert "unknown sparsity method 'random'" in err and "Traceback" not in err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "unknown 'random'" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
