@@ -690,3 +690,21 @@ def test_recipe_of_a_variant_records_the_calibration_it_was_made_with(tiny_lm, t
     a = view_model(lm.model, lm.adapter, replay)(input_ids=ids).logits
     b = view_model(lm.model, lm.adapter, v1)(input_ids=ids).logits
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("out, words", [("", "no output folder given"), ("/", "is a filesystem root"),
+                                        (".", "the working directory")])
+def test_compress_refuses_a_bad_output_folder_before_loading(out, words, tmp_path, capsys, monkeypatch):
+    """`compress --out` is checked against the overwrite rules before the model loads or the recipe runs."""
+    from workbench import cli
+    from workbench.engine import loading
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(loading, "load_model", never)
+    recipe = tmp_path / "r.json"
+    recipe.write_text('{"steps": [{"op": "prune_blocks", "blocks": [0]}]}')
+    assert cli.main(["compress", "--recipe", str(recipe), "--out", out, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1, err

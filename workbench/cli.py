@@ -186,11 +186,15 @@ def cmd_compress(args) -> dict:
     from workbench.engine.emit import emit
     from workbench.engine.export import export_any
     from workbench.engine.recipe import variant_recipe
+    from workbench.engine.safe_folder import check_target
 
     if args.gguf_type and args.format not in (None, "gguf"):
         raise ExportError("--gguf-type applies to --format gguf only")
     if args.gguf_type and args.format is None:
         args.format = "gguf"
+    # the output folder's rules before the model loads and the recipe runs (the export checks again, then
+    # also against the loaded model's resolved source)
+    check_target(args.out, overwrite=args.overwrite, protect=(args.model,) if args.model else ())
     lm, variant, recipe, calib = open_session(args)
     t0 = time.perf_counter()
     quick = ev.quick_eval(lm, variant)
