@@ -22,8 +22,9 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def app_url(tiny_lm):
+@contextlib.contextmanager
+def serve_tiny_app(tiny_lm):
+    """The app served on a free loopback port with a 4-block tiny Llama registered -> (url, store)."""
     from workbench.app import build_app, css
     from workbench.store import Store
 
@@ -34,9 +35,15 @@ def app_url(tiny_lm):
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, css=css(), quiet=True)
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield f"http://127.0.0.1:{port}/", store
     finally:
         demo.close()
+
+
+@pytest.fixture
+def app_url(tiny_lm):
+    with serve_tiny_app(tiny_lm) as (url, _store):
+        yield url
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_browser import CHROMIUM, SPEC, app_page, free_port
+from test_browser import CHROMIUM, app_page, serve_tiny_app
 
 from workbench.engine import eval as ev
 
@@ -22,19 +22,8 @@ pytestmark = [
 
 @pytest.fixture
 def served(tiny_lm):
-    from workbench.app import build_app, css
-    from workbench.store import Store
-
-    store = Store(default_model=SPEC, device="cpu")
-    store.register_model(tiny_lm("llama", layers=4), SPEC)
-    demo = build_app(store=store)
-    demo.queue(default_concurrency_limit=4)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, css=css(), quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/", store
-    finally:
-        demo.close()
+    with serve_tiny_app(tiny_lm) as served:
+        yield served
 
 
 def _session(store):
