@@ -193,6 +193,48 @@ def apply(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: 
     return text + fuse_summary(full), PanelContext.token()
 
 
+def tracked(call, units: int, what: str, poll: float = 0.5):
+    """Generator: run `call(progress)` as a job and yield its line in words (the step and the elapsed time
+    during the first block, then an estimate of the time left), instead of Gradio's bar, which sits at
+    0.0 % while the first block runs. Its return value (`result = yield from tracked(...)`) is call's."""
+    from workbench.panels.jobs import Job, Tracker
+
+    tracker = Tracker(units, what=what)
+    job = Job(lambda: call(lambda frac, desc=None: tracker(frac, desc or "")), tracker, poll=poll)
+    yield from job.lines()
+    return job.result()
+
+
+def apply_job(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: int, group_size: int,
+              observer: str = "minmax", shrink: float = 0.0, poll: float = 0.5):
+    """The Apply button: yields (job line, status, changed) while the step runs, then apply's result."""
+    from workbench.panels.workbench import _units, step_words
+
+    step = step_for(mode, store.pending_in_order(sid), store.current(sid).kept(), rank, steps, method, bits,
+                    group_size, observer, shrink)
+    call = lambda progress: apply(store, sid, mode, rank, steps, method, bits, group_size, observer, shrink,
+                                  progress=progress)
+    gen = tracked(call, _units(step), f"{step_words(step)}: starting", poll)
+    try:
+        while True:
+            yield next(gen), gr.skip(), gr.skip()
+    except StopIteration as done:
+        status, token = done.value
+    yield "", status, token
+
+
+def suggest_job(store, sid: str, metric: str, k: int, poll: float = 0.5):
+    """The Suggest button: yields (chart, selection, status) with the job line in status, then suggest's result."""
+    n = len(store.current(sid).kept())
+    gen = tracked(lambda progress: suggest(store, sid, metric, k, progress), n,
+                  f"Choosing the {int(k)} least important blocks by {metric}: starting", poll)
+    try:
+        while True:
+            yield gr.skip(), gr.skip(), next(gen)
+    except StopIteration as done:
+        yield done.value
+
+
 def fuse_summary(report: dict) -> str:
     """Per fused block: its group loss before -> after and the loss curve as a sparkline."""
     lines = []
@@ -256,6 +298,7 @@ def build(ctx) -> dict:
     with gr.Row():
         k = gr.Number(2, label="Suggest: how many blocks", precision=0, minimum=1, scale=1)
         suggest_b = gr.Button("Select the k least important", scale=1)
+    job = gr.Markdown(elem_id="wb-blocks-job")  # the running job in words, with the time left
     status = gr.Markdown(elem_id="wb-status")
 
     def on_mode(m):
@@ -272,17 +315,17 @@ def build(ctx) -> dict:
     clear_b.click(g(lambda s, m: clear(store, s, m)), [sid, metric], [chart, selection, preview], show_progress="hidden")
     shown, hidden = (lambda: gr.update(visible=True)), (lambda: gr.update(visible=False))
     apply_b.click(shown, None, cancel_b, queue=False, show_progress="hidden").then(
-        g(lambda s, *a, progress=gr.Progress(): apply(store, s, *a, progress=progress)),
-        [sid, mode, rank, fsteps, method, bits, group, observer, shrink], [status, ctx.changed], api_name="apply",
-        **ctx.heavy).then(hidden, None, cancel_b, show_progress="hidden")
+        g(lambda s, *a: (yield from apply_job(store, s, *a))),
+        [sid, mode, rank, fsteps, method, bits, group, observer, shrink], [job, status, ctx.changed],
+        api_name="apply", show_progress="hidden", **ctx.heavy).then(hidden, None, cancel_b, show_progress="hidden")
     cancel_b.click(g(lambda s: store.cancel(s)), sid, None, show_progress="hidden")
     undo_b.click(g(lambda s: undo(store, s)), sid, [status, ctx.changed], api_name="undo", **ctx.heavy)
     refresh = g(lambda s, m, progress=gr.Progress(): (chart_value(store, s, m, _pf(progress)), selection_text(store, s), ""))
     metric.change(refresh, [sid, metric], [chart, selection, preview], **ctx.heavy)
     ctx.changed.change(refresh, [sid, metric], [chart, selection, preview], **ctx.heavy)
     suggest_b.click(shown, None, cancel_b, queue=False, show_progress="hidden").then(
-        g(lambda s, m, n, progress=gr.Progress(): suggest(store, s, m, n, progress)), [sid, metric, k],
-        [chart, selection, status], **ctx.heavy).then(hidden, None, cancel_b, show_progress="hidden").then(
+        g(lambda s, m, n: (yield from suggest_job(store, s, m, n))), [sid, metric, k],
+        [chart, selection, status], show_progress="hidden", **ctx.heavy).then(hidden, None, cancel_b, show_progress="hidden").then(
         g(lambda s, m: preview_text(store, s, m)), [sid, mode], preview, show_progress="hidden")
     for box, event in ((samples, "submit"), (seq_len, "submit"), (samples, "blur"), (seq_len, "blur")):
         getattr(box, event)(g(lambda s, m, n, t, progress=gr.Progress(): set_calibration(store, s, m, n, t, progress)),

@@ -204,6 +204,42 @@ def test_cancel_from_the_panel_leaves_the_variant(store, sid):
     assert (store.current(sid), len(store.variants(sid))) == before
 
 
+def test_blocks_apply_job_says_the_step_and_time_then_the_time_left(store, sid, monkeypatch):
+    """The Blocks tab's Apply shows the job in words (not Gradio's 0.0 % bar): the step and the elapsed
+    time during the first block, then the time left; the last yield is apply's own result."""
+    import time
+
+    real = store.apply_step
+
+    def slow(s, step, progress=None, cancel=None):  # reports like the engine, slowly enough to be seen
+        for i in range(len(step["blocks"])):
+            progress(i / len(step["blocks"]), f"RTN block {step['blocks'][i]}")
+            time.sleep(0.03)
+        return real(s, step, progress, cancel)
+
+    monkeypatch.setattr(store, "apply_step", slow)
+    store.set_calibration(sid, 2, 32)
+    for b in (0, 1):
+        store.toggle(sid, b)
+    seen = list(blocks.apply_job(store, sid, "quantize", 8, 40, "rtn", 8, 32, poll=0.005))
+    lines = [y[0] for y in seen[:-1]]
+    assert lines and all("elapsed" in line for line in lines)
+    assert any(line.startswith("RTN block 0") and "left" not in line for line in lines)  # first block: no estimate
+    assert any(line.startswith("RTN block 1") and "left" in line for line in lines)  # after it: the time left
+    job, status, token = seen[-1]
+    assert job == "" and "v1" in status and isinstance(token, str)
+    assert store.current(sid).block_state(0).startswith("quantized")
+
+
+def test_blocks_suggest_job_ends_with_the_suggestion(store, sid):
+    store.set_calibration(sid, 2, 32)
+    seen = list(blocks.suggest_job(store, sid, "bi", 2, poll=0.005))
+    chart, selection, note = seen[-1]
+    want = blocks.suggest(store, sid, "bi", 2, progress=_no_progress)
+    assert note == want[2] and note.startswith("Suggested by bi")
+    assert all(isinstance(y[2], str) and "elapsed" in y[2] for y in seen[:-1])
+
+
 def test_guard_turns_workbench_errors_into_messages():
     from workbench.app import guard
 
