@@ -149,4 +149,4 @@ def build(ctx) -> dict:
     for comp in (block, head):
         comp.input(g(run), [sid, prompt, which, damping, skip, block, head], outs, show_progress="hidden")
     return {"prompt": prompt, "grid": grid, "head_map": hmap, "pagerank": bars, "block": block, "head": head,
-            "show": go_b, "info": info}
+            "show": go_b, "info": info, "damping": damping, "skip": skip}

@@ -19,7 +19,7 @@ import math
 import gradio as gr
 
 from workbench.engine.analysis import influence
-from workbench.engine.errors import Cancelled, RecipeError
+from workbench.engine.errors import Cancelled, RecipeError, WorkbenchError
 from workbench.engine.pareto import pareto_front
 from workbench.panels import blocks as bp
 from workbench.panels.chart import click_bridge_js, placeholder
@@ -425,6 +425,9 @@ def build(ctx) -> dict:
                 clear_b = gr.Button("Clear selection")
                 undo_b = gr.Button("Undo", elem_id="wb-main-undo")
                 cancel_b = gr.Button("Cancel", variant="stop", visible=False, elem_id="wb-main-cancel")
+            with gr.Row():  # drill into an analysis of the one selected block
+                attn_b = gr.Button("Open its attention", size="sm", elem_id="wb-main-open-attention")
+                outl_b = gr.Button("Open its outlier heads", size="sm", elem_id="wb-main-open-outliers")
             job = gr.Markdown(elem_id="wb-main-job")
             status = gr.Markdown(elem_id="wb-main-status")
         with gr.Column(scale=2):
@@ -467,7 +470,51 @@ def build(ctx) -> dict:
                 **gen_kw)
     return {"chart": chart, "metric": metric, "scale": scale, "mode": mode, "selection": selection, "apply": apply_b,
             "cancel": cancel_b, "job": job, "status": status, "figures": figures, "plot": plot, "variants": variants,
-            "original": out_o, "variant": out_v}
+            "original": out_o, "variant": out_v, "open_attention": attn_b, "open_outliers": outl_b}
+
+
+def one_selected(store, sid) -> int:
+    """The single selected block that an analysis opens on; a clear line otherwise."""
+    sel = store.pending_in_order(sid)
+    if len(sel) != 1:
+        raise WorkbenchError("select one block in the chart (click its bar) to open an analysis of it"
+                             + ("" if not sel else f"; {len(sel)} are selected: {_blocks_words(sorted(sel))}"))
+    if int(sel[0]) not in store.current(sid).kept():
+        raise WorkbenchError(f"block {sel[0]} is dropped in the current variant: it has no attention or heads to open")
+    return int(sel[0])
+
+
+def open_attention(store, sid, prompt: str, damping: float, skip_first: bool):
+    """-> (the Attention tab selected, its outputs) for the selected block, current variant, all heads."""
+    from workbench.panels import attention
+
+    block = one_selected(store, sid)
+    return (gr.Tabs(selected="attention"),
+            *attention.render(store, sid, prompt, "current variant", damping, skip_first, block, "avg"))
+
+
+def open_outliers(store, sid, score: str, progress=None):
+    """-> (the Outliers tab selected, its outputs, with the selected block named first in its summary)."""
+    from workbench.panels import outliers
+
+    block = one_selected(store, sid)
+    heat, norms, summary = outliers.compute(store, sid, score, progress)
+    return gr.Tabs(selected="outliers"), heat, norms, f"Opened from the Workbench screen on **block {block}**.\n\n{summary}"
+
+
+def wire(ctx) -> None:
+    """Buttons that open another tab on the selected block (wired once every panel exists)."""
+    main, att, out = ctx.components["workbench"], ctx.components.get("attention"), ctx.components.get("outliers")
+    store, sid, g = ctx.store, ctx.session, ctx.guard
+    if att is not None and ctx.tabs is not None:
+        main["open_attention"].click(
+            g(lambda s, p, d, sk: open_attention(store, s, p, d, sk)), [sid, att["prompt"], att["damping"], att["skip"]],
+            [ctx.tabs, att["grid"], att["head_map"], att["pagerank"], att["info"], att["block"], att["head"]],
+            **ctx.heavy)
+    if out is not None and ctx.tabs is not None:
+        main["open_outliers"].click(
+            g(lambda s, sc: open_outliers(store, s, sc)), [sid, out["score"]],
+            [ctx.tabs, out["heatmap"], out["norms"], out["summary"]], **ctx.heavy)
 
 
 def _click_handler(store):

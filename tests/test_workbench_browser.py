@@ -69,6 +69,14 @@ def test_main_path_on_the_workbench_tab(served, tmp_path):
             assert _cell(page, "top-1", 2) == f"{q['top1']:.1%}"
             page.screenshot(path=str(shots / "workbench-preview.png"), full_page=True)
 
+            # drill into the selected block: the Attention tab opens on it, then back to the screen
+            page.locator("#wb-main-open-attention").click()
+            page.locator("#wb-attention-info").filter(has_text="tokens").wait_for(timeout=T)
+            assert page.get_by_role("tab", name="Attention", selected=True).count() == 1
+            page.get_by_text("PageRank, block 2").first.wait_for(timeout=T)
+            page.get_by_role("tab", name="Workbench").click()
+            page.locator("#wb-main-selection").filter(has_text="selected: 2").wait_for(timeout=T)
+
             page.locator("#wb-main-apply").click()
             status = page.locator("#wb-main-status")
             status.filter(has_text="Pruned block 2 → v1").wait_for(timeout=T)

@@ -219,3 +219,41 @@ def test_sparsity_summary_names_the_current_variants_perplexity_not_dense():
            "timing": {"total_s": 1.0, "statistics_s": 0.1, "eval_s": 0.5}, "curves": {}, "nm": []}
     text = summary(res)
     assert "current variant before sparsifying (0 %) **12.346**" in text and "Dense perplexity" not in text
+
+
+def test_an_analysis_opens_from_the_selected_block(store, sid):
+    """"Open its attention" / "Open its outlier heads": the tab switches and shows the selected block,
+    the same figures the tab itself computes for it; no selection or several give one clear line."""
+    from workbench.engine.errors import WorkbenchError
+    from workbench.panels import attention, outliers
+
+    with pytest.raises(WorkbenchError, match="select one block"):
+        wb.open_attention(store, sid, attention.DEFAULT_PROMPT, 0.85, False)
+    store.toggle(sid, 1)
+    store.toggle(sid, 3)
+    with pytest.raises(WorkbenchError, match="2 are selected: blocks 1, 3"):
+        wb.open_outliers(store, sid, "noop_first")
+    store.toggle(sid, 1)  # block 3 alone
+
+    tab, grid, hmap, bars, info, block, head = wb.open_attention(store, sid, attention.DEFAULT_PROMPT, 0.85, False)
+    assert tab.selected == "attention" and block["value"] == 3 and head["value"] == "avg"
+    want = attention.render(store, sid, attention.DEFAULT_PROMPT, "current variant", 0.85, False, 3, "avg")
+    assert info == want[3] and bars.to_plotly_json()["data"][0]["y"] == want[2].to_plotly_json()["data"][0]["y"]
+    assert "block 3" in bars.layout.title.text  # the PageRank of the selected block, not block 0's
+
+    tab, heat, norms, summary = wb.open_outliers(store, sid, "noop_first")
+    heat_want, _, summary_want = outliers.compute(store, sid, "noop_first")
+    assert tab.selected == "outliers" and heat == heat_want
+    assert summary.startswith("Opened from the Workbench screen on **block 3**") and summary.endswith(summary_want)
+
+
+def test_the_open_buttons_are_wired_to_the_tabs(store):
+    from workbench.app import build_app
+
+    demo = build_app(store=store)
+    by_id = {getattr(b, "elem_id", None): i for i, b in demo.blocks.items()}
+    tabs = next(i for i, b in demo.blocks.items() if type(b).__name__ == "Tabs")
+    for button, tab_out in (("wb-main-open-attention", "wb-attention-grid"), ("wb-main-open-outliers", "wb-noop")):
+        dep = next(d for d in demo.fns.values() if any(t[0] == by_id[button] for t in d.targets))
+        outs = [o._id for o in dep.outputs]
+        assert tabs in outs and by_id[tab_out] in outs

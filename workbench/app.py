@@ -148,6 +148,7 @@ class PanelContext:
     changed: gr.Textbox
     heavy: dict = field(default_factory=lambda: dict(HEAVY))
     components: dict = field(default_factory=dict)
+    tabs: gr.Tabs | None = None  # the page's tabs, so a panel can open another one (e.g. a block's attention)
 
     guard = staticmethod(guard)
 
@@ -186,10 +187,14 @@ def build_app(model: str = DEFAULT_MODEL, device: str = "auto", store: Store | N
         trigger = ChangeTrigger(changed)
         changed.change = trigger.change  # panels register refreshers; wired below, server-side
         ctx = PanelContext(store=store, session=session, changed=changed)
-        for name in PANELS:
-            mod = importlib.import_module(f"workbench.panels.{name}")
-            with gr.Tab(getattr(mod, "TITLE", name.capitalize()), id=name):
-                ctx.components[name] = mod.build(ctx)
+        with gr.Tabs() as ctx.tabs:
+            mods = [importlib.import_module(f"workbench.panels.{name}") for name in PANELS]
+            for name, mod in zip(PANELS, mods):
+                with gr.Tab(getattr(mod, "TITLE", name.capitalize()), id=name):
+                    ctx.components[name] = mod.build(ctx)
+        for mod in mods:  # events that reach into a panel built later (a panel's optional `wire(ctx)`)
+            if hasattr(mod, "wire"):
+                mod.wire(ctx)
         demo.load(functools.partial(start_session, store), outputs=[session, changed], api_name="start_session")
         trigger.wire(demo)
         guard_all(demo)
