@@ -8,7 +8,7 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from workbench.engine.analysis.attention import DEFAULT_PROMPT
-from workbench.engine.analysis.attribution import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, analyze_attribution
+from workbench.engine.analysis.attribution import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, MAX_STEPS, analyze_attribution
 
 TITLE = "Attribution"
 COLOURS = ["#4C78A8", "#F58518"]
@@ -26,23 +26,24 @@ def attribution_figure(res: dict) -> go.Figure:
     fig.update_layout(barmode="group", height=max(320, 22 * len(labels) * max(1, len(res["columns"])) // 1.5 + 100),
                       margin={"l": 110, "r": 10, "t": 50, "b": 40},
                       title={"text": f"Attribution to next token {res['target']['text']!r} ({unit}; "
-                                     f"{res['steps']} steps; {res['target']['chosen_as']})", "font": {"size": 12}},
+                                     f"{'/'.join(str(c['steps']) for c in res['columns'])} steps; {res['target']['chosen_as']})", "font": {"size": 12}},
                       yaxis={"autorange": "reversed", "tickfont": {"size": 10}},
                       xaxis={"title": {"text": f"contribution to the target's {unit}"}})
     return fig
 
 
 def summary_text(res: dict) -> str:
-    rows = ["| model | greedy next token | f(prompt) | f(baseline) | sum of attributions | captum delta | time |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| model | greedy next token | f(prompt) | f(baseline) | sum of attributions | captum delta | steps | time |",
+            "|---|---|---|---|---|---|---|---|"]
     for c in res["columns"]:
+        steps = " → ".join(str(t["steps"]) for t in c.get("tries", [{"steps": c.get("steps", res["steps"])}]))
         rows.append(f"| {c['variant']} | {c['greedy_text']!r} ({c['greedy_prob']:.2f}) | {c['f_input']:.3f} | "
-                    f"{c['f_baseline']:.3f} | {c['sum']:.3f} | {c['delta']:.3g} | {c['seconds']:.1f} s |")
+                    f"{c['f_baseline']:.3f} | {c['sum']:.3f} | {c['delta']:.3g} | {steps} | {c['seconds']:.1f} s |")
     notes = [f"Baseline: {res['baseline']}."] + res.get("notes", [])
     bad = [c["variant"] for c in res["columns"] if not c["converged"]]
     if bad:
         notes.insert(0, f"**Not converged for {', '.join(bad)}**: the attributions' sum misses f(prompt) - f(baseline) "
-                        "by more than 10 %; more steps may help, and the bars are indicative only.")
+                        f"by more than 10 % even at {res.get('max_steps') or res['steps']} steps; the bars are indicative only.")
     return "\n".join(rows) + "\n\n" + " ".join(notes)
 
 
@@ -60,7 +61,8 @@ def build(ctx) -> dict:
     with gr.Row():
         prompt = gr.Textbox(DEFAULT_PROMPT, label=f"Prompt (its last {DEFAULT_MAX_TOKENS} tokens are used)", lines=2, scale=4)
         target = gr.Textbox("", label="Target next token (empty: the original's greedy token)", scale=1)
-        steps = gr.Slider(4, 64, value=DEFAULT_STEPS, step=4, label="Integration steps", scale=1)
+        steps = gr.Slider(4, MAX_STEPS, value=DEFAULT_STEPS, step=4, scale=1,
+                          label=f"Integration steps (first try; doubled until converged, up to {MAX_STEPS})")
     go_b = gr.Button("Attribute (original vs current variant)", variant="primary", elem_id="wb-attribution-go")
     fig = gr.Plot(label="Token attributions")
     summary = gr.Markdown(elem_id="wb-attribution-summary")

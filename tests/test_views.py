@@ -239,11 +239,15 @@ def test_attribution_completeness(tiny_lm, family):
     lm = tiny_lm(family, layers=2)
     ids = torch.tensor([list(b"hello world")])
     base = attr.baseline_ids(lm, ids)
-    r = attr.integrated_gradients(lm, original_variant(2), ids, target=65, baseline_ids=base, steps=32)
+    r = attr.integrated_gradients(lm, original_variant(2), ids, target=65, baseline_ids=base, steps=32,
+                                  method="gausslegendre")  # smooth tiny-model integrand: near exact
     diff = r["f_input"] - r["f_baseline"]
     assert abs(diff) > 1e-3  # the test means something
     assert r["sum"] == pytest.approx(diff, abs=1e-4 + 1e-3 * abs(diff))  # IG completeness
     assert abs(r["delta"]) < 1e-4 + 1e-3 * abs(diff)
+    # the default (trapezoid) rule: the miss shrinks as the steps grow (first order: 8x the steps, ~1/8)
+    miss = [abs(attr.integrated_gradients(lm, original_variant(2), ids, 65, base, n)["sum"] - diff) for n in (32, 256)]
+    assert miss[1] < miss[0] / 4 and miss[1] < 1e-2 * abs(diff)
     assert r["attributions"][0] == 0.0  # the kept first token moves nowhere on the path
     assert _hooks_left(lm.model) == 0
 
@@ -260,6 +264,33 @@ def test_attribution_side_by_side_default_target(tiny_lm):
     assert res["columns"][0]["greedy_token"] == res["target"]["id"]
 
 
+def test_attribution_doubles_the_steps_until_it_converges(tiny_lm, monkeypatch):
+    """A column that misses completeness is rerun at 2x the steps until it converges or would pass
+    max_steps; the column says the steps it used and every try."""
+    lm = tiny_lm("llama", layers=2)
+    real = attr.integrated_gradients
+    calls = []
+
+    def fake(lm_, v, ids, target, base, steps, output="logprob", internal_batch_size=None, method=attr.METHOD):
+        r = real(lm_, v, ids, target, base, steps, output, internal_batch_size, method)
+        calls.append(steps)
+        r["converged"] = steps >= 16  # pretend: converges at 16 steps
+        return r
+
+    monkeypatch.setattr(attr, "integrated_gradients", fake)
+    res = attr.analyze_attribution(lm, original_variant(2), "abcdefgh", steps=4, max_tokens=6, max_steps=64)
+    col = res["columns"][0]
+    assert calls == [4, 8, 16] and col["steps"] == 16 and [t["steps"] for t in col["tries"]] == [4, 8, 16]
+    assert col["converged"] and col["seconds"] == pytest.approx(sum(t["seconds"] for t in col["tries"]))
+    calls.clear()  # never converging: stops before passing max_steps, and says so
+    monkeypatch.setattr(attr, "integrated_gradients", lambda *a, **k: {**fake(*a, **k), "converged": False})
+    col = attr.analyze_attribution(lm, original_variant(2), "abcdefgh", steps=4, max_tokens=6, max_steps=12)["columns"][0]
+    assert calls == [4, 8] and col["steps"] == 8 and not col["converged"]
+    calls.clear()
+    attr.analyze_attribution(lm, original_variant(2), "abcdefgh", steps=4, max_tokens=6, max_steps=None)
+    assert calls == [4]
+
+
 # ---- the real model, briefly -------------------------------------------------------------------------
 def test_default_model_attention_and_noop(default_lm):
     v = original_variant(default_lm.num_blocks)
@@ -270,6 +301,16 @@ def test_default_model_attention_and_noop(default_lm):
     assert rep["pagerank"]["converged"]
     assert default_lm.model.config._attn_implementation == impl
     assert _hooks_left(default_lm.model) == 0
+
+
+def test_attribution_defaults_converge_on_the_default_model(default_lm):
+    """The Attribution tab's defaults (32 trapezoid steps, doubled up to 256) converge on SmolLM2's
+    original for the built-in prompt, where Gauss-Legendre at 8-64 steps never did (README)."""
+    res = attr.analyze_attribution(default_lm, original_variant(default_lm.num_blocks))
+    col = res["columns"][0]
+    assert col["converged"], col["tries"]
+    diff = col["f_input"] - col["f_baseline"]
+    assert abs(col["sum"] - diff) <= 0.1 * abs(diff) + 0.05  # completeness, from the figures themselves
 
 
 # ---- panels (handlers called without a browser) -----------------------------------------------------

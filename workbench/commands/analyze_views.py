@@ -53,7 +53,10 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--prompt", default=None, help="prompt text, or @FILE (default: a built-in sentence)")
     p.add_argument("--target", default=None, help="next token (text or id); default: original's greedy token")
-    p.add_argument("--steps", type=V.positive_int, default=8, help="integration steps (8)")
+    p.add_argument("--steps", type=V.positive_int, default=32,
+                   help="integration steps of the first try (32); doubled while not converged, up to --max-steps")
+    p.add_argument("--max-steps", type=V.positive_int, default=256,
+                   help="most integration steps when doubling (256); equal to --steps for one try only")
     p.add_argument("--max-tokens", type=V.positive_int, default=32, help="crop the prompt to its last N tokens (32)")
     p.add_argument("--output", default="logprob", choices=["logprob", "logit"], help="what is attributed")
     p.set_defaults(func=run_attribution)
@@ -106,7 +109,8 @@ def run_attribution(args) -> dict:
 
     lm, variant, recipe, calib = open_session(args)
     result = analyze_attribution(
-        lm, variant, _prompt(args), args.target, args.steps, args.max_tokens, args.output, progress=stderr_progress
+        lm, variant, _prompt(args), args.target, args.steps, args.max_tokens, args.output, progress=stderr_progress,
+        max_steps=args.max_steps,
     )
     units = {"attributions": f"{args.output} of the target token (nats)" if args.output == "logprob" else "logit",
              "delta": "same unit as attributions", "seconds": "s"}
