@@ -120,3 +120,77 @@ def test_moe_fusion_and_compressed_tensors_export_refuse_clearly(tiny_lm, tmp_pa
     assert torch.equal(lm.adapter.router(q.overrides[0]).weight, lm.adapter.router(lm.adapter.blocks(lm.model)[0]).weight)
     with pytest.raises(ExportError, match="does not write mixture-of-experts"):
         export_compressed(lm, q, tmp_path / "ct", {})
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("samples,seq_len", [(1, 12), (4, 32)])
+def test_sparsify_prunes_each_experts_slice_from_its_routed_tokens(tiny_lm, family, samples, seq_len, tmp_path):
+    """Wanda on an MoE block: each expert's gate_up / down slice at the requested sparsity per row, the
+    mask from |W| * ||X_e|| with X_e the tokens the router sends to expert e (routed by hand here), down's
+    inputs act(gate) * up of those tokens; too few routed tokens: magnitude, said; router untouched."""
+    from transformers import AutoModelForCausalLM
+
+    from workbench.engine.export import export_variant
+
+    lm = tiny_lm(family, layers=2)
+    a = lm.adapter
+    before = state_fingerprint(lm.model)
+    ctx = OpContext(lm=lm, calibration=Calibration(samples=samples, seq_len=seq_len))
+    step = step_from_dict({"op": "sparsify", "method": "wanda", "sparsity": 0.5, "blocks": [0]})
+    v = apply_steps(ctx, original_variant(2), [step])
+    rep = v.reports[-1]
+    s_block, orig = v.overrides[0], a.blocks(lm.model)[0]
+    seen = {}
+    ex_o = a.experts(orig)
+    handle = ex_o.register_forward_pre_hook(lambda m, args: [seen.setdefault("x", args[0]), None][1])
+    trace = trace_blocks(lm.model, a, ctx.calib_ids())
+    with torch.no_grad():
+        run_block(orig, trace.inputs[0], trace.calls[0])
+    handle.remove()
+    x = seen["x"].float()
+    top = _routed_by_hand(a.router(orig).weight, x, lm.model.config.num_experts_per_tok)
+    ex_s = a.experts(s_block)
+    fell_back = 0
+    for e in range(ex_o.gate_up_proj.shape[0]):
+        xe = x[(top == e).any(-1)]
+        gate, up = (xe @ ex_o.gate_up_proj[e].float().T).chunk(2, dim=-1)
+        inputs = {"gate_up_proj": xe, "down_proj": ex_o.act_fn(gate) * up}
+        for param, xin in inputs.items():
+            W = getattr(ex_o, param)[e].float()
+            if xe.shape[0] >= MIN_ROUTED_TOKENS:
+                score = W.abs() * xin.pow(2).sum(0).sqrt()[None, :]
+            else:
+                score = W.abs()
+                fell_back += 1
+                assert any(f"expert {e} {param}: {xe.shape[0]} routed" in n for n in rep["notes"])
+            want = torch.ones_like(W, dtype=torch.bool)  # naive: per row, zero the half with the lowest scores
+            for r in range(W.shape[0]):
+                want[r, torch.argsort(score[r], stable=True)[: W.shape[1] // 2]] = False
+            got = getattr(ex_s, param)[e].float()
+            assert torch.equal(got != 0, want & (W != 0))
+            torch.testing.assert_close(got[want], W[want])
+    assert fell_back == (2 * ex_o.gate_up_proj.shape[0] if samples == 1 else fell_back)  # 12 tokens: all fall back
+    assert rep["by_type"]["experts.gate_up_proj"] == pytest.approx(0.5) and rep["by_type"]["experts.down_proj"] == pytest.approx(0.5)
+    assert torch.equal(a.router(s_block).weight, a.router(orig).weight)
+    assert all(torch.equal(before[k], t) for k, t in state_fingerprint(lm.model).items())
+    out = export_variant(lm, v, tmp_path / "sp", {"steps": v.steps})  # plain transformers reloads it
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(back(input_ids=IDS).logits.float(), view_model(lm.model, a, v)(input_ids=IDS).logits.float(),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", ["2:4"])
+def test_sparsify_nm_and_magnitude_reach_the_experts(tiny_lm, pattern):
+    lm = tiny_lm("mixtral", layers=2)
+    a = lm.adapter
+    ctx = OpContext(lm=lm, calibration=Calibration(samples=1, seq_len=12))
+    v = apply_steps(ctx, original_variant(2), [step_from_dict({"op": "sparsify", "method": "magnitude",
+                                                                "pattern": pattern, "blocks": [1]})])
+    ex_s, ex_o = a.experts(v.overrides[1]), a.experts(a.blocks(lm.model)[1])
+    for param in ("gate_up_proj", "down_proj"):
+        W, got = getattr(ex_o, param).float(), getattr(ex_s, param).float()
+        groups = (got != 0).reshape(-1, 4).sum(-1)
+        assert bool((groups <= 2).all())  # 2 kept of every 4 along the input
+        keep = W.abs().reshape(-1, 4).topk(2, dim=-1).indices  # by hand: the two largest of each group
+        want = torch.zeros_like(groups.new_zeros(W.numel() // 4, 4), dtype=torch.bool).scatter_(1, keep, True)
+        assert torch.equal((got != 0).reshape(-1, 4), want & (W != 0).reshape(-1, 4))

@@ -216,15 +216,40 @@ def global_masks(scores: list[torch.Tensor], sparsity: float, threshold: float |
 # ---- targets and calibration statistics ------------------------------------------------------------
 @dataclass
 class Target:
-    """One prunable linear: original block index, canonical name, the module in the base variant."""
+    """One prunable linear: original block index, canonical name, the module in the base variant.
+
+    An expert's slice of a mixture-of-experts block (`param` "gate_up_proj" or "down_proj", `expert` e)
+    is a target too: `module` is then the experts module and the weight its (out, in) slice e."""
 
     block: int
     name: str
     module: nn.Module
+    param: str | None = None
+    expert: int | None = None
 
     @property
     def key(self) -> str:
         return f"{self.block}.{self.name}"
+
+    @property
+    def kind(self) -> str:
+        """The module type the report groups by (q_proj, ..., experts.gate_up_proj)."""
+        return self.name if self.param is None else f"experts.{self.param}"
+
+    def value(self) -> torch.Tensor:
+        """The (out, in) weight in the base variant (an offloaded linear's read from its memory map)."""
+        if self.param is None:
+            return linear_value(self.module)
+        return getattr(self.module, self.param)[self.expert].detach()
+
+    def numel(self) -> int:
+        return self.value().numel() if self.param is not None else self.module.weight.numel()
+
+    def weight_in(self, adapter, block: nn.Module) -> torch.Tensor:
+        """A writable (out, in) view of this target's weight in `block` (a copy of its block)."""
+        if self.param is None:
+            return linear_weight(adapter.linears(block)[self.name])
+        return getattr(adapter.experts(block), self.param)[self.expert]
 
 
 def prunable_linears(lm: LoadedModel, variant: Variant, blocks=None, types=None) -> list[Target]:
@@ -237,6 +262,12 @@ def prunable_linears(lm: LoadedModel, variant: Variant, blocks=None, types=None)
         for name, module in lm.adapter.linears(block).items():
             if types is None or name in types:
                 out.append(Target(i, name, module))
+        experts = lm.adapter.experts(block) if getattr(lm.adapter, "is_moe", False) else None
+        if experts is not None:  # each expert's slices of the 3-D expert tensors; the router is left alone
+            for param in ("gate_up_proj", "down_proj"):
+                if types is None or f"experts.{param}" in types:
+                    out += [Target(i, f"experts.{e}.{param}", experts, param, e)
+                            for e in range(getattr(experts, param).shape[0])]
     if not out:
         raise RecipeError("nothing to prune: no block linears selected")
     return out
@@ -255,12 +286,39 @@ def input_norms(lm: LoadedModel, variant: Variant, targets: list[Target], ids: t
 
         return pre
 
+    routed: dict[str, int] = {}
+
+    def make_experts(block_targets):
+        def pre(module, args):  # hidden (N, H), top_k_index (N, k): each expert sees its routed tokens only
+            from ..adapters.experts import expert_intermediate, routed_tokens
+
+            hidden, top = args[0].detach().float(), args[1]
+            for t in block_targets:
+                x = hidden[routed_tokens(top, t.expert)]
+                if t.param == "down_proj":
+                    x = expert_intermediate(module, t.expert, x)
+                s = x.pow(2).sum(0)
+                sq[t.key] = s if t.key not in sq else sq[t.key] + s
+                routed[t.key] = routed.get(t.key, 0) + int(x.shape[0])
+
+        return pre
+
     model = view_model(lm.model, lm.adapter, variant)
-    handles = [t.module.register_forward_pre_hook(make(t.key)) for t in targets]
+    handles = [t.module.register_forward_pre_hook(make(t.key)) for t in targets if t.param is None]
+    by_experts: dict[int, list[Target]] = {}
+    for t in targets:
+        if t.param is not None:
+            by_experts.setdefault(id(t.module), []).append(t)
+    handles += [ts[0].module.register_forward_pre_hook(make_experts(ts)) for ts in by_experts.values()]
     with hooks(*handles):
         for b0 in range(0, ids.shape[0], batch):
             trace_blocks(model, lm.adapter, ids[b0 : b0 + batch].to(lm.device))
-    return {k: v.sqrt() for k, v in sq.items()}
+    norms = {k: v.sqrt() for k, v in sq.items()}
+    for t in targets:  # an expert's routed-token count, for the too-few-tokens fallback
+        if t.param is not None:
+            norms.setdefault(t.key, torch.zeros(t.value().shape[1]))
+            norms[f"{t.key}#routed"] = torch.tensor(routed.get(t.key, 0))
+    return norms
 
 
 # ---- the pruner: statistics once, masks for any sparsity --------------------------------------------
@@ -296,10 +354,23 @@ class Pruner:
         return self._norms
 
     def scores(self, method: str, target: Target) -> torch.Tensor:
-        w = linear_value(target.module)  # an offloaded linear's weight is read from its memory map
+        w = target.value()  # an offloaded linear's weight is read from its memory map
         if method == "magnitude":
             return magnitude_scores(w)
-        return wanda_scores(w, self.norms()[target.key])
+        norms = self.norms()
+        if target.key in self.fallback():
+            return magnitude_scores(w)
+        return wanda_scores(w, norms[target.key])
+
+    def fallback(self) -> dict[str, int]:
+        """Wanda's expert slices that too few calibration tokens reach: {key: routed tokens}. They are
+        scored by magnitude instead (an input norm over a handful of tokens is noise)."""
+        from ..adapters.experts import MIN_ROUTED_TOKENS
+
+        if self._norms is None:
+            return {}
+        return {t.key: n for t in self.targets if t.param is not None
+                and (n := int(self._norms[f"{t.key}#routed"])) < MIN_ROUTED_TOKENS}
 
     def forget(self) -> None:
         self._norms, self._ranks, self._thresholds, self._sorted = None, {}, {}, None
@@ -322,7 +393,7 @@ class Pruner:
             if todo:
                 if self._sorted is None:  # layer ranks came from an earlier layer-scope call
                     self._sorted = [self.scores(method, t).reshape(-1).sort().values for t in self.targets]
-                total = sum(t.module.weight.numel() for t in self.targets)
+                total = sum(t.numel() for t in self.targets)
                 ks = [prune_count(s, total) for s in todo]
                 for s, k, th in zip(todo, ks, sorted_kth(self._sorted, ks)):
                     self._thresholds[(method, s)] = _split_global(self._sorted, k, th)
@@ -387,7 +458,7 @@ def measured_sparsity(targets: list[Target], weights: list[torch.Tensor]) -> dic
         n = w.numel()
         z = n - int(torch.count_nonzero(w))
         per_layer.append({"block": t.block, "module": t.name, "sparsity": z / n, "zeros": z, "weights": n})
-        for d, key in ((by_block, t.block), (by_type, t.name)):
+        for d, key in ((by_block, t.block), (by_type, t.kind)):
             zz, nn_ = d.get(key, (0, 0))
             d[key] = (zz + z, nn_ + n)
         zeros_total += z
@@ -419,11 +490,11 @@ def build_pruned(lm: LoadedModel, variant: Variant, targets: list[Target], masks
     weights = []
     with torch.no_grad():
         for t, keep in zip(targets, masks):
-            w0 = linear_value(t.module)
+            w0 = t.value()
             if t.block not in touched:
                 weights.append(w0)
                 continue
-            w = linear_weight(lm.adapter.linears(copies[t.block])[t.name])  # a view of the copy's tensor
+            w = t.weight_in(lm.adapter, copies[t.block])  # a view of the copy's tensor
             torch.mul(w0, keep.to(w0.device), out=w)
             weights.append(w)
     for i in touched:
@@ -640,7 +711,7 @@ def sweep(lm: LoadedModel, cfg: SweepConfig | None = None, variant: Variant | No
         "dense": base,
         "curves": curves,
         "nm": nm_points,
-        "prunable_weights": sum(t.module.weight.numel() for t in targets),
+        "prunable_weights": sum(t.numel() for t in targets),
         "blocks": sorted({t.block for t in targets}),
         "reuse_statistics": cfg.reuse,
         "timing": {"statistics_s": pruner.stats_seconds, "statistics_by_method_s": stats_by_method, "eval_s": eval_s,

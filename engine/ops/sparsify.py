@@ -65,6 +65,11 @@ class Sparsify(Step):
         new, weights = sp.build_pruned(lm, variant, targets, masks, sp.sparse_tag(self.sparsity, self.pattern))
         meas = sp.measured_sparsity(targets, weights)
         blocks = sorted({t.block for t in targets})
+        from ..adapters.experts import MIN_ROUTED_TOKENS
+
+        fallback = pruner.fallback() if self.method == "wanda" else {}
+        notes = [f"block {k.split('.')[0]} expert {k.split('.')[2]} {k.split('.')[3]}: {n} routed calibration tokens "
+                 f"(< {MIN_ROUTED_TOKENS}): magnitude instead of wanda" for k, n in fallback.items()]
         report = {
             "op": self.op,
             "method": self.method,
@@ -78,6 +83,7 @@ class Sparsify(Step):
             "by_type": meas["by_type"],
             "per_layer": meas["per_layer"],
             "blocks_changed": new.replaced(),
+            "notes": notes,
             # picked up by the export's model card
             "card": (f"sparsify ({self.method}, {self.pattern}, {self.scope}): measured sparsity "
                      f"{meas['overall'] * 100:.2f}% of the block linear weights in blocks {blocks} "
