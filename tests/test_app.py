@@ -425,3 +425,29 @@ def test_chart_marks_outlier_blocks_once_the_outlier_analysis_ran(store, sid, mo
     data = blocks.chart_figure(store, sid, "bi")["data"]
     assert len(data) == 2 and data[1]["x"] == [1, 3]
     assert blocks.outlier_marks(store, sid, v.with_dropped([0])) == []  # another variant: not analysed yet
+
+
+def test_generations_use_the_chat_template_where_the_model_has_one():
+    """Compare's generate: a tokenizer with a chat template gets the templated prompt (user turn and
+    generation prompt), one without gets plain continuation; checked against model.generate by hand."""
+    from tiny import tiny_bpe_tokenizer, tiny_model
+
+    from workbench.engine.loading import wrap_model
+    from workbench.engine.workspace import original_variant
+
+    model = tiny_model("llama", 2)
+    tok = tiny_bpe_tokenizer()
+    lm = wrap_model(model, tok, spec="tiny-chat", device="cpu")
+
+    def by_hand(ids):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    chat_ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True)["input_ids"]
+    plain_ids = tok("hello", return_tensors="pt")["input_ids"]
+    assert chat_ids.shape[1] > plain_ids.shape[1]  # the template wraps the prompt: the two inputs differ
+    assert ev.generate(lm, original_variant(2), "hello", max_new_tokens=6)["text"] == by_hand(chat_ids)
+    tok.chat_template = None  # no template: plain continuation of the prompt
+    assert ev.generate(lm, original_variant(2), "hello", max_new_tokens=6)["text"] == by_hand(plain_ids)
