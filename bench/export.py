@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -135,6 +136,7 @@ def main() -> None:
                     del m
                 except Exception as e:  # a reader's failure is a figure too: printed, the run goes on
                     print(f"  {kind}: reload failed: {type(e).__name__}: {e}")
+                    traceback.print_exc(limit=-6)
                     ppl_file = float("nan")
                 agree = ""
                 if fmt == "gguf" and py:

@@ -237,7 +237,9 @@ def perplexity(model, ids: torch.Tensor, batch_size: int = 4, device=None) -> tu
     """Perplexity of `model` alone on the token windows `ids` (B, T), batch by batch, and the number of
     tokens scored: full_eval's NLL without the side-by-side original (for benchmarks' extra rows)."""
     from .adapters import adapter_for
+    from .loading import unpack_compressed
 
+    unpack_compressed(model)  # a compressed-tensors reload dequantizes on its first whole-model forward
     adapter = adapter_for(model)
     vocab = _vocab(model, adapter)
     nll, n = 0.0, 0

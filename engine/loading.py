@@ -292,6 +292,28 @@ def _resolve_folder(spec: str, allow_pickle: bool, progress: Progress) -> tuple[
     return _resolve_folder(local, allow_pickle, progress)[0], spec
 
 
+def _packed(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if hasattr(m, "weight_packed") and "weight" not in m._parameters]
+
+
+@torch.no_grad()
+def unpack_compressed(model: nn.Module) -> None:
+    """Dequantize a compressed-tensors checkpoint that loaded packed (ours included: a symmetric scheme).
+
+    The library dequantizes its linears in a hook on the whole model's first forward pass; the engine's
+    forwards start below it (the decoder, a block, the head on chunks of positions), where a packed
+    linear fails with "'Linear' object has no attribute 'weight'". So that first forward is run here, on
+    one token, and a linear still packed after it is one clear line."""
+    if not _packed(model):
+        return
+    dev = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=dev), use_cache=False)
+    left = _packed(model)
+    if left:
+        raise ModelLoadError(f"{len(left)} compressed-tensors linears stay packed after the first forward pass "
+                             f"(e.g. {left[0]}); load the checkpoint with its own quantization config dequantized")
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     device: str | torch.device | None = "auto",
@@ -338,6 +360,7 @@ def load_model(
         if "Unrecognized configuration" in str(e) or "does not support" in str(e):
             raise UnsupportedArchitecture(f"transformers cannot build {config.model_type!r} as a causal LM") from e
         raise ModelLoadError(f"could not load {folder}: {type(e).__name__}: {e}") from e
+    unpack_compressed(model)
     lm = wrap_model(model, tokenizer, spec=str(spec), name=name, source=str(folder), device=torch.device(plan.compute),
                     placed=plan.device_map is not None)
     lm.checkpoint_dtype = checkpoint_dtype(folder)

@@ -646,3 +646,27 @@ def test_llamacpp_loads_our_gguf_and_agrees_on_top1(default_lm, tmp_path, typ, r
     agree = float((got == want).float().mean())
     print(f"llama.cpp top-1 agreement ({typ or 'own codes'}): {agree:.4f}")
     assert agree >= min_agree
+
+
+def test_compressed_tensors_reloads_score_like_the_variant_through_the_engines_forwards(tiny_lm, tmp_path):
+    """A compressed-tensors reload (symmetric: it loads packed) scores the in-app variant's perplexity in
+    `eval.perplexity`, whose forwards start below the whole model, where a packed linear had failed
+    ("'Linear' object has no attribute 'weight'", seen in bench/export.py); two exports in one process;
+    and `load_model` of such a folder runs its blocks."""
+    from workbench.engine import eval as ev
+    from workbench.engine.loading import _packed, load_model
+
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    for k, blocks in enumerate([(0, 2), (1, 3)]):
+        lm, v = _quantized(tiny_lm, blocks=blocks)
+        lm.tokenizer = _tok_lm("llama").tokenizer  # a tokenizer that saves
+        out, _ = export_any(lm, v, tmp_path / f"ct{k}", {}, fmt="compressed-tensors")
+        m = _reload(out)
+        assert _packed(m)  # as loaded: packed, so the test exercises the unpacking
+        want, _ = ev.perplexity(view_model(lm.model, lm.adapter, v), ids)
+        got, _ = ev.perplexity(m, ids)
+        assert got == pytest.approx(want, rel=1e-4) and not _packed(m)
+    back = load_model(str(out), device="cpu")
+    assert not _packed(back.model)
+    torch.testing.assert_close(_logits(back.model, ids), _logits(view_model(lm.model, lm.adapter, v), ids),
+                               rtol=1e-4, atol=1e-4)
