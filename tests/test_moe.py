@@ -55,6 +55,19 @@ def _routed_by_hand(router_w: torch.Tensor, x: torch.Tensor, top_k: int) -> torc
     return torch.topk(torch.softmax(x.float() @ router_w.float().T, -1), top_k, dim=-1).indices
 
 
+def _experts_input_routed_by_hand(lm, block, orig, ids):
+    """(the experts' input (N, H) when block 0 `block` runs on `ids`, (N, top_k) experts per token routed
+    by hand from the original block's router)."""
+    a, seen = lm.adapter, {}
+    handle = a.experts(block).register_forward_pre_hook(lambda m, args: [seen.setdefault("x", args[0]), None][1])
+    trace = trace_blocks(lm.model, a, ids)
+    with torch.no_grad():
+        run_block(block, trace.inputs[0], trace.calls[0])
+    handle.remove()
+    x = seen["x"].float()
+    return x, _routed_by_hand(a.router(orig).weight, x, lm.model.config.num_experts_per_tok)
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 @pytest.mark.parametrize("samples,seq_len", [(1, 12), (4, 32)])
 def test_each_expert_is_quantized_from_its_routed_tokens(tiny_lm, family, samples, seq_len):
@@ -67,15 +80,8 @@ def test_each_expert_is_quantized_from_its_routed_tokens(tiny_lm, family, sample
     q_block, orig = v.overrides[0], a.blocks(lm.model)[0]
     rep = v.reports[-1]["blocks"]["0"]
     # reference: the experts' input in the quantized block (its attention quantized first), routed by hand
-    seen = {}
     ex_q = a.experts(q_block)
-    handle = ex_q.register_forward_pre_hook(lambda m, args: [seen.setdefault("x", args[0]), None][1])
-    trace = trace_blocks(lm.model, a, ctx.calib_ids())
-    with torch.no_grad():
-        run_block(q_block, trace.inputs[0], trace.calls[0])
-    handle.remove()
-    x = seen["x"].float()
-    top = _routed_by_hand(a.router(orig).weight, x, lm.model.config.num_experts_per_tok)
+    x, top = _experts_input_routed_by_hand(lm, q_block, orig, ctx.calib_ids())
     scheme = step.scheme()
     ex_o = a.experts(orig)
     methods = set()
@@ -140,15 +146,8 @@ def test_sparsify_prunes_each_experts_slice_from_its_routed_tokens(tiny_lm, fami
     v = apply_steps(ctx, original_variant(2), [step])
     rep = v.reports[-1]
     s_block, orig = v.overrides[0], a.blocks(lm.model)[0]
-    seen = {}
     ex_o = a.experts(orig)
-    handle = ex_o.register_forward_pre_hook(lambda m, args: [seen.setdefault("x", args[0]), None][1])
-    trace = trace_blocks(lm.model, a, ctx.calib_ids())
-    with torch.no_grad():
-        run_block(orig, trace.inputs[0], trace.calls[0])
-    handle.remove()
-    x = seen["x"].float()
-    top = _routed_by_hand(a.router(orig).weight, x, lm.model.config.num_experts_per_tok)
+    x, top = _experts_input_routed_by_hand(lm, orig, orig, ctx.calib_ids())
     ex_s = a.experts(s_block)
     fell_back = 0
     for e in range(ex_o.gate_up_proj.shape[0]):
