@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.engine.analysis.attention import DEFAULT_PROMPT, AttentionCapture, cached_attention
+from workbench.panels.context import progress_fn
 
 TITLE = "Attention"
 GRID_CELLS = 16
@@ -123,8 +124,6 @@ def render(store, sid, prompt: str, which: str, damping: float, skip_first: bool
 
 
 def build(ctx) -> dict:
-    from workbench.app import progress_fn
-
     store, sid, g = ctx.store, ctx.session, ctx.guard
     with gr.Row():
         prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt (up to 512 tokens; longer ones keep their end)", lines=2, scale=4)

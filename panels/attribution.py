@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 
 from workbench.engine.analysis.attention import DEFAULT_PROMPT
 from workbench.engine.analysis.attribution import DEFAULT_MAX_TOKENS, DEFAULT_STEPS, MAX_STEPS, analyze_attribution
+from workbench.panels.context import progress_fn
 
 TITLE = "Attribution"
 COLOURS = ["#4C78A8", "#F58518"]
@@ -55,8 +56,6 @@ def compute(store, sid, prompt: str, target: str, steps: int, progress=None):
 
 
 def build(ctx) -> dict:
-    from workbench.app import progress_fn
-
     store, sid, g = ctx.store, ctx.session, ctx.guard
     with gr.Row():
         prompt = gr.Textbox(DEFAULT_PROMPT, label=f"Prompt (its last {DEFAULT_MAX_TOKENS} tokens are used)", lines=2, scale=4)

@@ -14,6 +14,7 @@ import gradio as gr
 from workbench.engine.analysis import influence
 from workbench.engine.errors import Cancelled, RecipeError
 from workbench.panels.chart import click_bridge_js
+from workbench.panels.context import PanelContext, progress_fn
 
 TITLE = "Blocks"
 MODES = ["prune", "fuse", "quantize"]
@@ -136,7 +137,6 @@ def clear(store, sid: str, metric: str) -> tuple[str, str, str]:
 def suggest(store, sid: str, metric: str, k: int, progress=gr.Progress()) -> tuple[str, str, str]:
     """Select the k blocks `removal_plan` would remove first by `metric` (iterative for mi and ppl)."""
     from workbench.engine.data import calibration_ids
-    from workbench.app import progress_fn
 
     lm, s = store.lm(sid), store.session(sid)
     ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device)
@@ -174,8 +174,6 @@ def step_for(mode: str, blocks: list[int], kept: list[int], rank: int = 8, steps
 def apply(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: int, group_size: int,
           observer: str = "minmax", shrink: float = 0.0, progress=gr.Progress()) -> tuple[str, str]:
     """Apply the step to the current variant (a heavy, cancellable job). -> (status, changed token)."""
-    from workbench.app import PanelContext, progress_fn
-
     step = step_for(mode, store.pending_in_order(sid), store.current(sid).kept(), rank, steps, method, bits, group_size,
                     observer, shrink)
     base = store.current(sid)
@@ -256,8 +254,6 @@ def _guard_words(g: dict | None) -> str:
 
 
 def undo(store, sid: str) -> tuple[str, str]:
-    from workbench.app import PanelContext
-
     v = store.undo(sid)
     return f"Undone: current variant is **{v.name}**.", PanelContext.token()
 
@@ -335,8 +331,6 @@ def build(ctx) -> dict:
 
 
 def _pf(progress):
-    from workbench.app import progress_fn
-
     return progress_fn(progress)
 
 

@@ -10,6 +10,7 @@ import gradio as gr
 
 from workbench.engine import eval as ev
 from workbench.engine.errors import Cancelled
+from workbench.panels.context import PanelContext, progress_fn
 
 TITLE = "Compare"
 PROMPTS = Path(__file__).resolve().parent.parent / "assets" / "prompts.txt"
@@ -161,8 +162,6 @@ def refresh(store, sid: str | None):
 
 
 def full_evaluation(store, sid: str, max_tokens: int, progress=gr.Progress()) -> str:
-    from workbench.app import progress_fn
-
     store.begin_job(sid)
     try:
         store.full_eval(sid, progress_fn(progress), max_tokens=int(max_tokens) if max_tokens else None)
@@ -172,8 +171,6 @@ def full_evaluation(store, sid: str, max_tokens: int, progress=gr.Progress()) ->
 
 
 def switch(store, sid: str, variant_id: int) -> str:
-    from workbench.app import PanelContext
-
     store.switch(sid, int(variant_id))
     return PanelContext.token()
 

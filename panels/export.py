@@ -9,6 +9,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from workbench.panels.context import PanelContext, progress_fn
+
 TITLE = "Export"
 
 
@@ -56,7 +58,6 @@ def sizes(store, sid: str | None, gguf_type: str | None = "default") -> str:
 def export(store, sid: str, folder: str, overwrite: bool, fmt: str | None = DEFAULT, gguf_type: str | None = "default",
            progress=gr.Progress()) -> str:
     """Export atomically in the chosen format; an existing folder is refused unless `overwrite`."""
-    from workbench.app import progress_fn
     from workbench.engine.errors import ExportError
 
     if not (folder or "").strip():
@@ -88,7 +89,6 @@ def recipe_file(store, sid: str) -> str:
 
 def import_recipe(store, sid: str, text: str, upload: str | None, progress=gr.Progress()) -> tuple[str, str]:
     """Replay a recipe (an uploaded file wins over the pasted text) from the original model."""
-    from workbench.app import PanelContext, progress_fn
     from workbench.engine.errors import RecipeError
     from workbench.engine.recipe import Recipe
 

@@ -18,6 +18,7 @@ import gradio as gr
 
 from workbench.engine.analysis import influence
 from workbench.panels.chart import click_bridge_js
+from workbench.panels.context import progress_fn
 
 TITLE = "Influence"
 COLUMNS = ["block", "state", "mi", "bi", "angular", "ppl_drop", "ppl_without"]
@@ -144,8 +145,6 @@ def write_csv(rows: list[list]) -> str:
 
 def compute(store, sid: str, progress=gr.Progress()):
     """Heatmap first (one pass), then the table (one scan). Yields (heatmap, best, table, csv, status)."""
-    from workbench.app import progress_fn
-
     pf = progress_fn(progress)
     cancel = store.begin_job(sid)
     runs = angular_runs(store, sid, pf, cancel)

@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 
 from workbench.engine.analysis.embedding_map import HEAD_FEATURES, analyze_map
 from workbench.panels.chart import click_bridge_js, placeholder
+from workbench.panels.context import progress_fn
 
 TITLE = "Map"
 
@@ -91,9 +92,6 @@ def click(store, sid, block: int, by: str = "map") -> tuple[str, str]:
 
 
 def build(ctx) -> dict:
-
-    from workbench.app import progress_fn
-
     store, sid, g = ctx.store, ctx.session, ctx.guard
     js = click_bridge_js()
     with gr.Row():

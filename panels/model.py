@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from workbench.engine.errors import ModelLoadError
+from workbench.panels.context import PanelContext, progress_fn
 
 TITLE = "Model"
 SOURCES = ["default", "local folder", "GGUF file", "hub id"]
@@ -46,7 +47,6 @@ def load(store, sid: str, source: str, path: str, dtype: str = "auto", max_memor
          offload_folder: str = "", progress=gr.Progress()) -> tuple[str, str]:
     """Load (first load of a GGUF dequantizes it once, ~20 s) in `dtype` under the memory plan that
     `max_memory` ('cuda:0=20GiB,cpu=48GiB'; empty: what is free) allows, and attach to the session."""
-    from workbench.app import PanelContext, progress_fn
 
     store.attach(sid, spec_for(source, path), progress_fn(progress), dtype=dtype,
                  max_memory=(max_memory or "").strip() or None, offload_folder=(offload_folder or "").strip() or None)

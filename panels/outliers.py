@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 from workbench.engine.analysis.outliers import MODULE_LABELS, MODULES, outlier_blocks, outlier_stats_cached
 from workbench.engine.errors import WorkbenchError
 from workbench.panels.chart import click_bridge_js
+from workbench.panels.context import progress_fn
 
 TITLE = "Outliers"
 HEAD_CODE = 1000  # a heatmap cell's customdata = block * HEAD_CODE + head (the click bridge sends one number)
@@ -103,7 +104,6 @@ def open_head(store, sid, code: int, prompt: str | None = None):
 
 def build(ctx) -> dict:
 
-    from workbench.app import progress_fn
 
     store, sid, g = ctx.store, ctx.session, ctx.guard
     js = click_bridge_js()

@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 from workbench.engine.analysis import sparsity as sp
 from workbench.engine.errors import RecipeError
 from workbench.panels.chart import click_bridge_js, placeholder, placeholder_figure
+from workbench.panels.context import progress_fn
 
 TITLE = "Sparsity"
 COLORS = {"magnitude": "#1f77b4", "wanda": "#d62728"}
@@ -164,9 +165,6 @@ def apply(store, sid, method: str, sparsity: float, pattern: str, magnitude_scop
 
 
 def build(ctx) -> dict:
-
-    from workbench.app import progress_fn
-
     store, sid, g = ctx.store, ctx.session, ctx.guard
     js = click_bridge_js()
     with gr.Row():

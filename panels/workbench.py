@@ -23,6 +23,7 @@ from workbench.engine.errors import Cancelled, RecipeError, WorkbenchError
 from workbench.engine.pareto import pareto_front
 from workbench.panels import blocks as bp
 from workbench.panels.chart import click_bridge_js, placeholder
+from workbench.panels.context import PanelContext
 from workbench.panels.jobs import Job, Tracker
 
 TITLE = "Workbench"
@@ -321,8 +322,6 @@ def _units(step: dict) -> int:
 
 def apply_job(store, sid, mode, rank, steps, method, bits, group_size, observer, shrink, sp_method, sparsity, poll=0.5):
     """Generator: yields (job line, status, cancel button, changed) while the step runs, then the result."""
-    from workbench.app import PanelContext
-
     step = make_step(store, sid, mode, rank, steps, method, bits, group_size, observer, shrink, sp_method, sparsity)
     base = store.current(sid)
     tracker = Tracker(_units(step), what=f"{step_words(step)}: starting")
@@ -386,8 +385,6 @@ def clear(store, sid, chosen, scale):
 
 
 def undo(store, sid) -> tuple[str, str]:
-    from workbench.app import PanelContext
-
     v = store.undo(sid)
     return f"Undone: the current variant is {v.name}.", PanelContext.token()
 

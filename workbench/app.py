@@ -6,6 +6,9 @@ A panel is a module `panels/<name>.py` (imported as `workbench.panels.<name>`) w
 
     def build(ctx: PanelContext) -> dict[str, gr.Component]
 
+where `PanelContext` (and `progress_fn`) come from `workbench.panels.context`, imported at the panel's
+top; a panel never imports `workbench.app` (nor anything else of `workbench.*` but the engine and panels).
+
 called inside its own `gr.Tab` (title: the module's `TITLE`, else the name capitalised). `ctx` gives:
 
 - `ctx.store`: the `workbench.store.Store`; heavy state (models, variants, caches) lives there.
@@ -39,18 +42,17 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 import logging
 import os
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 
-from workbench.engine.errors import Cancelled, WorkbenchError
+from workbench.engine.errors import WorkbenchError
 from workbench.engine.loading import DEFAULT_MODEL
+# the panels' shared context lives with the panels; re-exported here for callers of workbench.app
+from workbench.panels.context import HEAVY, PanelContext, _message, guard, progress_fn  # noqa: F401
 from workbench.store import DEFAULT_BUDGET, DEFAULT_IDLE, Store
 
 log = logging.getLogger(__name__)
@@ -58,54 +60,6 @@ log = logging.getLogger(__name__)
 PANELS = ["workbench", "model", "blocks", "influence", "compare", "export", "attention", "outliers", "map", "attribution", "sparsity"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-HEAVY = {"concurrency_id": "heavy", "concurrency_limit": 1}
-
-
-def _message(e: BaseException) -> gr.Error:
-    if isinstance(e, Cancelled):
-        return gr.Error(f"Cancelled: {e}. Nothing was changed.", title="Cancelled")
-    if isinstance(e, WorkbenchError):
-        return gr.Error(str(e), title=type(e).__name__)
-    # an internal error: plain words in the page, the traceback in the server log
-    log.error("internal error in a handler", exc_info=e)
-    first = next((s for s in str(e).splitlines() if s.strip()), "")
-    return gr.Error(f"Something went wrong inside the workbench ({type(e).__name__}{': ' + first[:200] if first else ''}). "
-                    "Your session and its variants are unchanged; the server log has the details.",
-                    title="Internal error")
-
-
-def guard(fn):
-    """Turn any failure into a gr.Error message (the page stays alive; outputs stay as they were):
-    a WorkbenchError in its own words, anything else as an internal error (gr.Error passes through)."""
-    if getattr(fn, "_wb_guarded", False) or fn is None:
-        return fn
-    if inspect.isgeneratorfunction(fn):
-
-        @functools.wraps(fn)
-        def gen(*args, **kwargs):
-            try:
-                yield from fn(*args, **kwargs)
-            except gr.Error:
-                raise
-            except Exception as e:
-                raise _message(e) from e
-
-        gen._wb_guarded = True
-        return gen
-    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-        return fn  # none of ours; left to gradio
-
-    @functools.wraps(fn)
-    def plain(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except Exception as e:
-            raise _message(e) from e
-
-    plain._wb_guarded = True
-    return plain
 
 
 def guard_all(demo: gr.Blocks) -> int:
@@ -139,30 +93,6 @@ class ChangeTrigger:
                 EventListener("success", trigger_after=bf._id, trigger_only_on_success=True,
                               has_trigger=False).listener(self.component, fn, inputs, outputs, **kwargs)
         return len(sources)
-
-
-@dataclass
-class PanelContext:
-    store: Store
-    session: gr.State
-    changed: gr.Textbox
-    heavy: dict = field(default_factory=lambda: dict(HEAVY))
-    components: dict = field(default_factory=dict)
-    tabs: gr.Tabs | None = None  # the page's tabs, so a panel can open another one (e.g. a block's attention)
-
-    guard = staticmethod(guard)
-
-    @staticmethod
-    def token() -> str:
-        """A fresh value to return for `changed`: marks the event as one that changed the variant."""
-        return str(time.time_ns())
-
-
-def progress_fn(progress):
-    """Adapt a gr.Progress (or any callable(frac, desc=)) to the engine's progress(frac, msg)."""
-    if progress is None:
-        return lambda frac, msg: None
-    return lambda frac, msg: progress(float(frac), desc=msg)
 
 
 def start_session(store: Store, progress=gr.Progress()) -> tuple[str, str]:
