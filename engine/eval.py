@@ -130,39 +130,33 @@ class QuickCache:
         return {"kl": kl.sum().item(), "agree": agree.sum().item(), "nll": nll.sum().item(), "n": targets.numel()}
 
 
-_cache_lock = threading.Lock()
-
-
 def quick_cache(lm: LoadedModel) -> QuickCache:
-    """Build (once per loaded model, thread-safe) the quick set's cached trace and reference."""
-    with _cache_lock:
-        qc = getattr(lm, "_quick_cache", None)
-        if qc is None:
-            ids = data.quick_ids(lm.tokenizer).to(lm.device)
-            trace = trace_blocks(lm.model, lm.adapter, ids)
-            h = trace.output[:, :-1]  # (B, T-1, d)
-            B, T1 = h.shape[:2]
-            rows = h.reshape(B * T1, -1)
-            tgt = ids[:, 1:].reshape(-1)
-            step = chunk_tokens(_vocab(lm))
-            lp16, negent, psum, top1, nll = [], [], [], [], 0.0
-            for a in range(0, rows.shape[0], step):  # chunks of tokens: bounded whatever the vocabulary
-                logp = F.log_softmax(lm.adapter.head(lm.model, rows[a : a + step]), dim=-1)  # (n, V)
-                nll -= logp.gather(-1, tgt[a : a + step, None]).sum().item()
-                lp = logp.half()
-                lpf = lp.float()
-                lp16.append(lp)
-                negent.append((lpf.exp() * lpf).sum(-1))
-                psum.append(lpf.exp().sum(-1))
-                top1.append(logp.argmax(-1))
-            shape = (B, T1)
-            qc = QuickCache(ids=ids, trace=trace, ref_logp=torch.cat(lp16).reshape(B, T1, -1),
-                            ref_negent=torch.cat(negent).reshape(shape), ref_psum=torch.cat(psum).reshape(shape),
-                            ref_top1=torch.cat(top1).reshape(shape), ref_nll=nll / max(1, tgt.numel()))
-            if qc.nbytes() > QUICK_CACHE_BUDGET_BYTES:
-                raise MemoryError(f"quick cache needs {qc.nbytes() / 2**20:.0f} MiB, over its budget")
-            lm._quick_cache = qc
-        return qc
+    """Build the quick set's trace and the original's reference (a Workspace keeps one per model, pinned in
+    its shared result cache; a caller evaluating many variants alone keeps the one it built)."""
+    ids = data.quick_ids(lm.tokenizer).to(lm.device)
+    trace = trace_blocks(lm.model, lm.adapter, ids)
+    h = trace.output[:, :-1]  # (B, T-1, d)
+    B, T1 = h.shape[:2]
+    rows = h.reshape(B * T1, -1)
+    tgt = ids[:, 1:].reshape(-1)
+    step = chunk_tokens(_vocab(lm))
+    lp16, negent, psum, top1, nll = [], [], [], [], 0.0
+    for a in range(0, rows.shape[0], step):  # chunks of tokens: bounded whatever the vocabulary
+        logp = F.log_softmax(lm.adapter.head(lm.model, rows[a : a + step]), dim=-1)  # (n, V)
+        nll -= logp.gather(-1, tgt[a : a + step, None]).sum().item()
+        lp = logp.half()
+        lpf = lp.float()
+        lp16.append(lp)
+        negent.append((lpf.exp() * lpf).sum(-1))
+        psum.append(lpf.exp().sum(-1))
+        top1.append(logp.argmax(-1))
+    shape = (B, T1)
+    qc = QuickCache(ids=ids, trace=trace, ref_logp=torch.cat(lp16).reshape(B, T1, -1),
+                    ref_negent=torch.cat(negent).reshape(shape), ref_psum=torch.cat(psum).reshape(shape),
+                    ref_top1=torch.cat(top1).reshape(shape), ref_nll=nll / max(1, tgt.numel()))
+    if qc.nbytes() > QUICK_CACHE_BUDGET_BYTES:
+        raise MemoryError(f"quick cache needs {qc.nbytes() / 2**20:.0f} MiB, over its budget")
+    return qc
 
 
 @torch.no_grad()
@@ -209,10 +203,11 @@ def _unique_params(model):
 
 
 @torch.no_grad()
-def quick_eval(lm: LoadedModel, variant: Variant) -> dict:
-    """KL, top-1 agreement and (noisy) perplexity on the quick set, from the first changed block on."""
+def quick_eval(lm: LoadedModel, variant: Variant, reference: QuickCache | None = None) -> dict:
+    """KL, top-1 agreement and (noisy) perplexity on the quick set, from the first changed block on.
+    `reference`: the quick_cache(lm) to compare against (built here when not given)."""
     t0 = time.perf_counter()
-    qc = quick_cache(lm)
+    qc = reference or quick_cache(lm)
     targets = qc.ids[:, 1:]
     if variant.is_identity():
         s = {"kl": 0.0, "agree": float(targets.numel()), "nll": qc.ref_nll * targets.numel(), "n": targets.numel()}
