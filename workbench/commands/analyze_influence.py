@@ -6,13 +6,13 @@
 
 from __future__ import annotations
 
+from workbench import validate as V
+from workbench.commands.common import add_model_args, document, open_session, stderr_progress
 from workbench.engine.analysis.influence import SCAN_SAMPLES as INFLUENCE_SAMPLES  # noqa: F401
 from workbench.engine.analysis.influence import SCAN_SEQ_LEN as INFLUENCE_SEQ_LEN  # noqa: F401
 
 
 def add_parser(sub) -> None:
-    from workbench import validate as V
-    from workbench.cli import add_model_args
     from workbench.engine.analysis.influence import METRICS
 
     p = sub.add_parser("influence", help="per-block importance (Macro Influence, BI, angular, ppl drop)")
@@ -26,7 +26,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> dict:
-    from workbench.cli import document, open_session, stderr_progress
     from workbench.engine.analysis.influence import ITERATIVE, angular_distances, block_scores, removal_plan
     from workbench.engine.data import calibration_ids
 

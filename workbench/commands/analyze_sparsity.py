@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
+from workbench import validate as V
+from workbench.commands.common import add_model_args, document, open_session, stderr_progress
+
 
 def add_parser(sub) -> None:
-    from workbench import validate as V
-    from workbench.cli import add_model_args
     from workbench.engine.analysis import sparsity as sp
 
     p = sub.add_parser("sparsity", help="one-shot magnitude / Wanda / N:M sparsity curves and the knee")
@@ -33,7 +34,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> dict:
-    from workbench.cli import document, open_session, stderr_progress
     from workbench.engine.analysis import sparsity as sp
     from workbench.engine.data import calibration_ids
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from workbench import validate as V
+from workbench.commands.common import add_model_args, document, open_session, stderr_progress
+
 
 def _prompt(args) -> str | None:
     """--prompt TEXT (or @FILE) wins; else the text of --text FILE is the prompt; else the built-in one."""
@@ -27,9 +30,6 @@ def _prompt(args) -> str | None:
 
 
 def add_parser(sub) -> None:
-    from workbench import validate as V
-    from workbench.cli import add_model_args
-
     p = sub.add_parser("attention", help="attention maps of a prompt and token PageRank (Zero-TPrune)")
     add_model_args(p)
     p.add_argument("--prompt", default=None, help="prompt text, or @FILE (default: a built-in sentence)")
@@ -63,7 +63,6 @@ def add_parser(sub) -> None:
 
 
 def run_attention(args) -> dict:
-    from workbench.cli import document, open_session, stderr_progress
     from workbench.engine.analysis.attention import analyze_attention
 
     lm, variant, recipe, calib = open_session(args)
@@ -78,7 +77,6 @@ def run_attention(args) -> dict:
 
 
 def run_outliers(args) -> dict:
-    from workbench.cli import document, open_session, stderr_progress
     from workbench.engine.analysis.outliers import outlier_blocks, outlier_stats
     from workbench.engine.data import calibration_ids
 
@@ -93,7 +91,6 @@ def run_outliers(args) -> dict:
 
 
 def run_map(args) -> dict:
-    from workbench.cli import document, open_session, stderr_progress
     from workbench.engine.analysis.embedding_map import analyze_map
     from workbench.engine.data import calibration_ids
 
@@ -104,7 +101,6 @@ def run_map(args) -> dict:
 
 
 def run_attribution(args) -> dict:
-    from workbench.cli import document, open_session, stderr_progress
     from workbench.engine.analysis.attribution import analyze_attribution
 
     lm, variant, recipe, calib = open_session(args)
