@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from workbench.engine import eval as ev
 from workbench.engine.loading import load_model
-from workbench.engine.workspace import original_variant, view_model
+from workbench.engine.variant import original_variant, view_model
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from workbench.engine.data import Calibration
 from workbench.engine.export import export_any
 from workbench.engine.loading import load_model
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict, variant_recipe
-from workbench.engine.workspace import original_variant, view_model
+from workbench.engine.variant import original_variant, view_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMACPP_VENV = Path(os.path.expanduser(os.environ.get("WORKBENCH_LLAMACPP_VENV", "~/.cache/workbench/llamacpp-venv")))

@@ -30,7 +30,7 @@ from workbench.engine.eval import full_eval, perplexity
 from workbench.engine.loading import load_model
 from workbench.engine.ops.fuse import FuseBlocks
 from workbench.engine.recipe import OpContext
-from workbench.engine.workspace import original_variant, view_model
+from workbench.engine.variant import original_variant, view_model
 
 
 def heldout_ppl(lm, variant, seq_len: int, max_tokens: int, batch_size: int = 4) -> float:

@@ -28,7 +28,7 @@ from workbench.engine.analysis.influence import angular_distances, block_scores,
 from workbench.engine.data import Calibration, calibration_ids
 from workbench.engine.eval import full_eval
 from workbench.engine.loading import load_model
-from workbench.engine.workspace import original_variant
+from workbench.engine.variant import original_variant
 
 
 def main() -> None:

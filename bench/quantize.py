@@ -37,7 +37,7 @@ from workbench.engine.data import Calibration
 from workbench.engine.loading import cache_dir, load_model
 from workbench.engine.ops.quantize import quantize_blocks
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
-from workbench.engine.workspace import original_variant, view_model
+from workbench.engine.variant import original_variant, view_model
 
 LLMC_VERSION = "0.14.0.1"
 EVAL_SEQ_LEN = 256

@@ -22,7 +22,7 @@ from . import data
 from .errors import Cancelled
 from .hooks import BlockTrace, run_block, trace_blocks
 from .loading import LoadedModel
-from .workspace import Variant, block_modules, view_model
+from .variant import Variant, block_modules, view_model
 
 QUICK_CACHE_BUDGET_BYTES = 512 * 2**20  # stated budget for one model's quick-set cache
 # fp32 logits of at most this many bytes exist at once: memory stays bounded whatever the vocabulary

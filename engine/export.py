@@ -20,7 +20,7 @@ from .errors import ExportError
 from .export_files import DEFAULT_SHARD_BYTES, files_bytes, write_dense_weights
 from .loading import LoadedModel
 from .safe_folder import atomic_folder, environment_failure
-from .workspace import Variant, view_model
+from .variant import Variant, view_model
 
 FORMATS = ("dense", "compressed-tensors", "gguf")
 # What loads each format (the Export panel shows it beside the size).

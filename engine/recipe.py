@@ -25,7 +25,7 @@ import torch
 from .data import Calibration, calibration_ids
 from .errors import Cancelled, DataError, RecipeError
 from .loading import DEFAULT_MODEL, LoadedModel
-from .workspace import Variant
+from .variant import Variant
 
 # 2: calibration windows open with the tokenizer's BOS where it adds one (`calibration.bos`); a recipe of
 # version 1 (or without a version) replays with its old windows (bos false).
@@ -224,7 +224,7 @@ def apply_steps(ctx: OpContext, variant: Variant, steps: list[Step], name: str |
 
 
 def apply_recipe(lm: LoadedModel, recipe: Recipe, progress=None, cancel=None, name: str = "recipe") -> Variant:
-    from .workspace import original_variant
+    from .variant import original_variant
 
     ctx = OpContext(lm=lm, calibration=recipe.calibration, progress=progress, cancel=cancel)
     return apply_steps(ctx, original_variant(lm.num_blocks), recipe.steps, name=name)

@@ -234,9 +234,9 @@ class Workspace:
         v = variant or self.current
         return self.cache_for(v).latest(v, analysis)
 
-    def record(self, variant: Variant, figure: str, value) -> None:
-        """A figure measured outside an analysis (Compare's decode speed)."""
-        self.cache_for(variant).put(variant, figure, (), value)
+    def record(self, variant: Variant, figure: str, value, params=()) -> None:
+        """A figure measured outside an analysis (Compare's decode speed and generations)."""
+        self.cache_for(variant).put(variant, figure, params, value)
 
     def reference(self) -> ev.QuickCache:
         """The quick set's trace and the original's reference log-probs: one per model, pinned."""
@@ -324,6 +324,16 @@ class Workspace:
         damping = att.DEFAULT_DAMPING if damping is None else float(damping)
         return self.result(v, "attention", (prompt or "", max_tokens, damping, bool(skip_first)), lambda: att.analyze_attention(
             self.lm, v, prompt, max_tokens, damping, bool(skip_first), progress=progress))
+
+    def suggest(self, metric: str, k: int, progress=None, cancel=None) -> dict:
+        """Select the k blocks `removal_plan` removes first by `metric` (iterative for mi and ppl). -> the plan."""
+        from .analysis import influence
+
+        with self.guard():
+            plan = influence.removal_plan(self.lm, self.current, self.calib_ids(), metric, int(k),
+                                          progress=progress, cancel=cancel)
+        self.set_pending(plan["order"])
+        return plan
 
     def embedding_map(self, progress=None, cancel=None) -> dict:
         """The UMAP map of the current variant's blocks and heads."""

@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
 
-from workbench.engine.analysis.attention import DEFAULT_PROMPT, AttentionCapture, cached_attention
+from workbench.engine.analysis.attention import DEFAULT_PROMPT, AttentionCapture
 from workbench.panels.context import progress_fn
 
 TITLE = "Attention"
@@ -112,8 +112,7 @@ def render(store, sid, prompt: str, which: str, damping: float, skip_first: bool
     """-> (grid, head map, PageRank bars, info, block choices update) for the chosen variant."""
 
     variant = pick_variant(store, sid, which)
-    with store.using(sid) as lm:  # hooks on the shared model: one computation at a time
-        cap, rep = cached_attention(lm, variant, prompt, 512, float(damping), bool(skip_first), progress=progress)
+    cap, rep = store.workspace(sid).attention(variant, prompt, 512, float(damping), bool(skip_first), progress=progress)
     pos = cap.blocks.index(int(block)) if block is not None and int(block) in cap.blocks else 0
     h = None if head in (None, "", "avg") else int(head)
     info = (f"**{variant.name}** · {len(cap.tokens)} tokens · {len(cap.blocks)} blocks x {cap.num_heads} heads"

@@ -94,8 +94,7 @@ def outlier_marks(store, sid: str, variant) -> list[int]:
     """Blocks the outlier analysis flagged for this variant, if it has run (never computed here)."""
     from workbench.engine.analysis.outliers import outlier_blocks
 
-    cache = store.lm(sid).__dict__.get("_outlier_cache", {})
-    stats = next((v for k, v in reversed(list(cache.items())) if k[0] == variant.id), None)
+    stats = store.workspace(sid).latest(variant, "outliers")
     return sorted(f["block"] for f in outlier_blocks(stats)) if stats else []
 
 
@@ -136,14 +135,7 @@ def clear(store, sid: str, metric: str) -> tuple[str, str, str]:
 
 def suggest(store, sid: str, metric: str, k: int, progress=gr.Progress()) -> tuple[str, str, str]:
     """Select the k blocks `removal_plan` would remove first by `metric` (iterative for mi and ppl)."""
-    from workbench.engine.data import calibration_ids
-
-    lm, s = store.lm(sid), store.session(sid)
-    ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device)
-    with store.using(sid):
-        plan = influence.removal_plan(lm, s.current, ids, metric, int(k), progress=progress_fn(progress),
-                                      cancel=store.begin_job(sid))
-    store.set_pending(sid, plan["order"])
+    plan = store.workspace(sid).suggest(metric, int(k), progress=progress_fn(progress), cancel=store.begin_job(sid))
     how = "iteratively, re-scoring after each removal" if plan.get("iterative") else "ranked once"
     note = f"Suggested by {metric} ({how}): remove {plan['order']} in that order."
     return chart_value(store, sid, metric), selection_text(store, sid), note

@@ -115,34 +115,26 @@ def heatmap(sens: dict | None) -> go.Figure:
 
 
 # ---- handlers (plain functions; tests call them without a browser) ----------------------------------
-def _key(store, sid):
-    return ("sparsity", store.current(sid).id)
-
-
 def run_sweep(store, sid, methods, patterns, points: int = 10, max_sparsity: float = 0.9, eval_tokens: int = 2048,
               tolerance_pct: float = 1.0, magnitude_scope: str = "global", progress=None) -> dict:
     """Sweep the current variant; the result is kept in the session (variants never change once made)."""
-    from workbench.engine.data import calibration_ids
-
     if not methods:
         raise RecipeError("choose at least one method")
-    s, lm = store.session(sid), store.lm(sid)
+    ws = store.workspace(sid)
+    s, lm, v = ws, ws.lm, ws.current
     cfg = sp.SweepConfig(methods=tuple(methods), patterns=tuple(patterns) or ("unstructured",), points=int(points),
                          max_sparsity=float(max_sparsity), eval_tokens=int(eval_tokens) or None,
                          tolerance=float(tolerance_pct) / 100.0, scope={"magnitude": magnitude_scope},
                          source=s.calibration.source)
-    ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device) if "wanda" in methods else None
-    with store.using(sid):
-        res = sp.sweep(lm, cfg, variant=s.current, calib_ids=ids, progress=progress, cancel=store.begin_job(sid))
-    s.scores[_key(store, sid)] = res
-    return res
+    ids = ws.calib_ids() if "wanda" in methods else None
+    cancel = store.begin_job(sid)
+    return ws.result(v, "sparsity_sweep", (repr(cfg), ws.calibration), lambda: sp.sweep(
+        lm, cfg, variant=v, calib_ids=ids, progress=progress, cancel=cancel))
 
 
 def run_sensitivity(store, sid, method: str, sparsity: float, pattern: str, progress=None) -> dict:
-    from workbench.engine.data import calibration_ids
-
-    s, lm = store.session(sid), store.lm(sid)
-    ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device) if method == "wanda" else None
+    s, lm = store.workspace(sid), store.lm(sid)
+    ids = s.calib_ids() if method == "wanda" else None
     with store.using(sid):
         return sp.sensitivity(lm, method, float(sparsity), pattern, variant=s.current, calib_ids=ids,
                               source=s.calibration.source, progress=progress, cancel=store.begin_job(sid))
@@ -198,7 +190,7 @@ def build(ctx) -> dict:
         return json.dumps(figure(res, lg)), summary(res)
 
     def relog(s, lg):
-        res = store.session(s).scores.get(_key(store, s)) if s else None
+        res = store.workspace(s).latest(None, "sparsity_sweep") if s else None
         return json.dumps(figure(res, lg))
 
     def picked(evt: gr.EventData):

@@ -94,8 +94,8 @@ def chart_metric(store, sid, chosen: str) -> str:
 
 
 def mi_ready(store, sid) -> bool:
-    s = store.session(sid)
-    return (s.current.id, "mi", s.calibration) in s.scores
+    ws = store.workspace(sid)
+    return ws.peek(ws.current, "scores", ("mi", ws.calibration)) is not None
 
 
 def chart_figure(store, sid, chosen: str = "mi", scale: str = "clipped") -> dict:

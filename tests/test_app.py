@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from workbench.engine import eval as ev
 from workbench.engine.errors import Cancelled, ExportError, RecipeError, WorkbenchError
-from workbench.engine.workspace import DROP, state_fingerprint, view_model
+from workbench.engine.variant import DROP, state_fingerprint, view_model
 from workbench.panels import blocks, compare, export, model
 from workbench.store import SessionError, Store
 
@@ -396,7 +396,7 @@ def test_fuse_step_keeps_click_order_prune_sorts():
 
 
 def test_fuse_from_the_panel_lists_plain_removal_beside_it(store, sid):
-    from workbench.engine.workspace import DROP
+    from workbench.engine.variant import DROP
     from workbench.panels import blocks
 
     store.toggle(sid, 2)
@@ -413,12 +413,11 @@ def test_fuse_from_the_panel_lists_plain_removal_beside_it(store, sid):
 
 def test_chart_marks_outlier_blocks_once_the_outlier_analysis_ran(store, sid, monkeypatch):
     import workbench.engine.analysis.outliers as out
-    from workbench.engine.data import calibration_ids
     from workbench.panels import blocks
 
     assert len(blocks.chart_figure(store, sid, "bi")["data"]) == 1  # nothing computed: no marks
-    lm, v = store.lm(sid), store.current(sid)
-    stats = out.outlier_stats_cached(lm, v, calibration_ids(lm.tokenizer, store.session(sid).calibration))
+    v = store.current(sid)
+    stats = store.workspace(sid).outliers()
     # the tiny model has no outliers under the default rule; a looser rule flags some, as real models do
     monkeypatch.setattr(out, "outlier_blocks", lambda st, **kw: [{"block": 3}, {"block": 1}] if st is stats else [])
     assert blocks.outlier_marks(store, sid, v) == [1, 3]
@@ -433,7 +432,7 @@ def test_generations_use_the_chat_template_where_the_model_has_one():
     from tiny import tiny_bpe_tokenizer, tiny_model
 
     from workbench.engine.loading import wrap_model
-    from workbench.engine.workspace import original_variant
+    from workbench.engine.variant import original_variant
 
     model = tiny_model("llama", 2)
     tok = tiny_bpe_tokenizer()

@@ -18,7 +18,7 @@ from workbench.engine.errors import BlockIndexError, ExportError, RecipeError, U
 from workbench.engine.export import export_variant
 from workbench.engine.hooks import run_block, trace_blocks
 from workbench.engine.recipe import OpContext, Recipe, apply_steps, step_from_dict, variant_recipe
-from workbench.engine.workspace import original_variant, state_fingerprint, view_model
+from workbench.engine.variant import original_variant, state_fingerprint, view_model
 from workbench.engine.data import Calibration
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))

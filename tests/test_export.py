@@ -15,7 +15,7 @@ import torch
 from workbench.engine.errors import ExportError
 from workbench.engine.export import default_format, export_any, export_variant
 from workbench.engine.export_files import ShardWriter, dense_weight_bytes
-from workbench.engine.workspace import original_variant, view_model
+from workbench.engine.variant import original_variant, view_model
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 

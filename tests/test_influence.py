@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from workbench.engine.analysis import influence as inf
 from workbench.engine.analysis import influence_math as im
 from workbench.engine.errors import BlockIndexError, Cancelled, WorkbenchError
-from workbench.engine.workspace import copy_block, original_variant, view_model
+from workbench.engine.variant import copy_block, original_variant, view_model
 
 ATOL = 2e-5
 

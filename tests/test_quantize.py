@@ -10,7 +10,7 @@ from workbench.engine.data import Calibration
 from workbench.engine.errors import ExportError, RecipeError
 from workbench.engine.ops import gptq as G
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
-from workbench.engine.workspace import original_variant, state_fingerprint, view_model
+from workbench.engine.variant import original_variant, state_fingerprint, view_model
 
 
 # ---- an independent reference: GPTQ as the OBS recursion on the explicit inverse Hessian ------------

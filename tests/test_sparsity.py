@@ -12,7 +12,7 @@ from workbench.engine.adapters import linear_weight
 from workbench.engine.analysis import sparsity as sp
 from workbench.engine.errors import RecipeError
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
-from workbench.engine.workspace import original_variant, state_fingerprint, view_model
+from workbench.engine.variant import original_variant, state_fingerprint, view_model
 
 
 # ---- naive references ------------------------------------------------------------------------------

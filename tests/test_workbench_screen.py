@@ -68,9 +68,8 @@ def test_chart_shows_block_influence_until_the_mi_scan_is_done_then_mi(store, si
 
 
 def test_clipped_chart_labels_the_clipped_bar_with_its_real_value(store, sid):
-    s = store.session(sid)
-    key = (s.current.id, "bi", s.calibration)
-    s.scores[key] = {"values": [1.0, 0.1, 0.2, 0.15], "unit": "1 - cos", "higher_is_more_important": True}
+    ws = store.workspace(sid)
+    ws.cache_for(ws.current).put(ws.current, "scores", ("bi", ws.calibration), {"values": [1.0, 0.1, 0.2, 0.15], "unit": "1 - cos"})
     fig = wb.chart_figure(store, sid, "bi", "clipped")
     assert fig["data"][0]["y"][0] == pytest.approx(0.26)
     assert [a["text"] for a in fig["layout"]["annotations"]] == ["✂ 1"] and fig["layout"]["annotations"][0]["x"] == 0

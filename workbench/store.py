@@ -30,7 +30,7 @@ from workbench.engine.errors import WorkbenchError
 from workbench.engine.export import export_any
 from workbench.engine.loading import DEFAULT_MODEL, LoadedModel, load_model
 from workbench.engine.results import ResultCache
-from workbench.engine.variant import DROP, Variant
+from workbench.engine.variant import Variant
 from workbench.engine.workspace import RELEASED, Workspace, new_results  # noqa: F401  (RELEASED: tests)
 from workbench import budget as B
 

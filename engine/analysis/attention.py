@@ -26,7 +26,7 @@ from ..adapters.base import rebind_hooked_forward
 from ..errors import UnsupportedArchitecture, WorkbenchError
 from ..hooks import hooks
 from ..loading import LoadedModel
-from ..workspace import Variant, view_model
+from ..variant import Variant, view_model
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UnsupportedArchitecture, WorkbenchError
 from ..loading import LoadedModel
-from ..workspace import Variant, original_variant
+from ..variant import Variant, original_variant
 from .attention import _Stop, isolated_view, prompt_ids, token_labels
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import BlockIndexError, Cancelled, UnsupportedArchitecture, WorkbenchError
 from ..hooks import BlockCall, map_call, run_block, trace_blocks
 from ..loading import LoadedModel
-from ..workspace import Variant, block_modules, view_model
+from ..variant import Variant, block_modules, view_model
 from . import influence_math as im
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import torch
 from ..errors import Cancelled, WorkbenchError
 from ..hooks import hooks
 from ..loading import LoadedModel
-from ..workspace import Variant
+from ..variant import Variant
 from .attention import attention_probs_of, forward_base, isolated_view, view_blocks
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ from ..errors import Cancelled, RecipeError
 from ..eval import compare, run_from
 from ..hooks import BlockTrace, hooks, trace_blocks
 from ..loading import LoadedModel
-from ..workspace import Variant, copy_block, current_block, original_variant, view_model
+from ..variant import Variant, copy_block, current_block, original_variant, view_model
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from ..data import Calibration, calibration_ids
 from ..errors import BlockIndexError, RecipeError
 from ..hooks import run_block, slice_call, trace_blocks
 from ..recipe import OpContext, Step, register
-from ..workspace import DROP, Variant, copy_block, current_block, view_model
+from ..variant import DROP, Variant, copy_block, current_block, view_model
 from .fuse_linear import COEF_MODES, FuseLinear
 
 log = logging.getLogger(__name__)
@@ -442,7 +442,7 @@ def gpu_self_check(device: str = "cuda") -> dict:
 
     from ..loading import wrap_model
     from ..recipe import OpContext
-    from ..workspace import original_variant
+    from ..variant import original_variant
 
     class _Bytes:  # the calibration text as bytes: no tokenizer download
         def __call__(self, text, add_special_tokens=True, return_tensors=None):

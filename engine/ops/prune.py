@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import RecipeError
 from ..recipe import OpContext, Step, register
-from ..workspace import Variant
+from ..variant import Variant
 
 
 def _int_list(value, field_name: str, op: str) -> tuple[int, ...]:

@@ -39,7 +39,7 @@ from ..adapters import linear_weight, set_linear_weight
 from ..errors import RecipeError
 from ..hooks import BlockCall, hooks, run_block, slice_call, trace_blocks
 from ..recipe import OpContext, Step, register
-from ..workspace import DROP, Variant, block_modules, copy_block
+from ..variant import DROP, Variant, block_modules, copy_block
 from . import gptq as solver
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..analysis import sparsity as sp
 from ..errors import RecipeError
 from ..recipe import OpContext, Step, register
-from ..workspace import Variant
+from ..variant import Variant
 from .prune import _int_list
 
 
