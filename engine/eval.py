@@ -22,12 +22,10 @@ from . import data
 from .errors import Cancelled
 from .block_stream import BlockTrace, run_span, trace_blocks
 from .loading import LoadedModel
+from .plan import LOGIT_CHUNK_BYTES  # defined beside the memory plan that counts it (no import cycle)
 from .workspace import Variant, block_modules, view_model
 
 QUICK_CACHE_BUDGET_BYTES = 512 * 2**20  # stated budget for one model's quick-set cache
-# fp32 logits of at most this many bytes exist at once: memory stays bounded whatever the vocabulary
-# (a 262k-vocabulary model's (4, 256, V) logits alone are 1 GiB, and log-softmax makes more of them).
-LOGIT_CHUNK_BYTES = 64 * 2**20
 
 
 def chunk_tokens(vocab: int) -> int:
