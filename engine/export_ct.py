@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import ExportError
-from .export import _card, model_sources, save_model_files, write_side_files
+from .export_common import model_card, model_sources, save_model_files, write_side_files
 from .safe_folder import atomic_folder
 from .loading import LoadedModel
 from .variant import Variant, view_model
@@ -207,7 +207,7 @@ def export_compressed(
             *(notes or []),
         ]
         weights = {p.name: p.stat().st_size for p in sorted(tmp.glob("*.safetensors"))}
-        card = _card(lm, variant, recipe, metrics, card_notes, "compressed-tensors", weights)
+        card = model_card(lm, variant, recipe, metrics, card_notes, "compressed-tensors", weights)
         write_side_files(tmp, recipe, card, metrics, "compressed-tensors", extra_files)
     return Path(out_dir).expanduser().resolve()
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .errors import ExportError
-from .export import _card, model_sources, step_card_notes, write_side_files
+from .export_common import model_card, model_sources, step_card_notes, write_side_files
 from .export_files import ties_embeddings
 from .loading import LoadedModel
 from .ops.gptq import GGUF_GROUP, GGUF_SCHEMES, gguf_offset
@@ -412,6 +412,6 @@ def export_gguf(
         weights = {GGUF_NAME: (tmp / GGUF_NAME).stat().st_size}
         card_notes = [f"GGUF block type {info['tensor_type']} (tensors per type: {info['types']}); norms in F32.",
                       *info["notes"], *(notes or []), *step_card_notes(variant)]
-        card = _card(lm, variant, recipe, doc, card_notes, "gguf", weights)
+        card = model_card(lm, variant, recipe, doc, card_notes, "gguf", weights)
         write_side_files(tmp, recipe, card, doc, "gguf", extra_files)
     return Path(out_dir).expanduser().resolve()

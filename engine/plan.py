@@ -28,6 +28,9 @@ from torch import nn
 from .errors import ModelLoadError
 
 GiB = 2**30
+# fp32 logits of at most this many bytes exist at once: memory stays bounded whatever the vocabulary
+# (a 262k-vocabulary model's (4, 256, V) logits alone are 1 GiB, and log-softmax makes more of them).
+LOGIT_CHUNK_BYTES = 64 * 2**20
 # Peak process memory of a load over the weights' bytes. 1.48 is the issue's measurement of an fp32 load
 # (the old path); bench/scale.py measures the native-dtype path (see the README) and stays below it.
 LOAD_OVERHEAD = 1.48
@@ -147,8 +150,6 @@ def working_sets(config, dtype: torch.dtype) -> dict[str, int]:
     holds at once): the quick compare's trace (every block's input for 4 x 128 tokens) and fp32 logit
     chunks; the MI scan's trace over 4 x 64 tokens per kept block; GPTQ's fp32 Hessians of one block and
     its calibration activations (128 x 512 tokens, in and out); fusion's group of 7 blocks in fp32 with Adam."""
-    from .eval import LOGIT_CHUNK_BYTES
-
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     d = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
     n = int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer"))

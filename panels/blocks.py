@@ -15,6 +15,8 @@ from workbench.engine.analysis import influence
 from workbench.engine.errors import Cancelled, RecipeError
 from workbench.panels.chart import click_bridge_js
 from workbench.panels.context import PanelContext, progress_fn
+from workbench.panels.influence import cached_values, hover_extra, select_cell
+from workbench.panels.summary import _units, plain_removal_beside, status_words, step_words
 
 TITLE = "Blocks"
 MODES = ["prune", "fuse", "quantize"]
@@ -55,7 +57,6 @@ def chart_figure(store, sid: str | None, metric: str, progress=None) -> dict:
     values = scores["values"]
     top = max([v for v in values if v is not None] or [1.0]) or 1.0
     xs, ys, colours, states, texts = [], [], [], [], []
-    from workbench.panels.influence import cached_values, hover_extra
 
     others = cached_values(store, sid, exclude=metric)  # hover shows every metric computed so far
     for i, v in enumerate(values):
@@ -175,8 +176,6 @@ def apply(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: 
     except Cancelled:
         gr.Warning("Cancelled: nothing was changed.")
         return "Cancelled: the current variant is unchanged.", gr.skip()
-    from workbench.panels.workbench import plain_removal_beside, status_words
-
     full = v.reports[-1] if v.reports else {}
     sibling = plain_removal_beside(store, sid, base, v) if mode == "fuse" else None
     text = status_words(store, sid, v, sibling)  # plain words; the recipe itself is in the Export tab
@@ -198,8 +197,6 @@ def tracked(call, units: int, what: str, poll: float = 0.5):
 def apply_job(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: int, group_size: int,
               observer: str = "minmax", shrink: float = 0.0, poll: float = 0.5):
     """The Apply button: yields (job line, status, changed) while the step runs, then apply's result."""
-    from workbench.panels.workbench import _units, step_words
-
     step = step_for(mode, store.pending_in_order(sid), store.current(sid).kept(), rank, steps, method, bits,
                     group_size, observer, shrink)
     call = lambda progress: apply(store, sid, mode, rank, steps, method, bits, group_size, observer, shrink,
@@ -320,6 +317,22 @@ def build(ctx) -> dict:
                    [sid, metric, samples, seq_len], chart, **ctx.heavy)
     return {"chart": chart, "metric": metric, "mode": mode, "selection": selection, "preview": preview,
             "apply": apply_b, "undo": undo_b, "status": status, "samples": samples, "seq_len": seq_len}
+
+
+def wire(ctx) -> None:
+    """A click on the Influence heatmap selects a run of blocks: the Blocks chart and selection show it at
+    once. (Wired from here, once both tabs are built, so that the Influence tab need not import this one.)"""
+    store, sid, g = ctx.store, ctx.session, ctx.guard
+    blk, inf = ctx.components.get("blocks", {}), ctx.components.get("influence", {})
+    if "chart" not in blk or "heatmap" not in inf:
+        return
+
+    def on_cell(s: str, metric: str, evt: gr.EventData):
+        _, note = select_cell(store, s, int(evt.block))
+        return note, chart_value(store, s, metric), selection_text(store, s)
+
+    inf["heatmap"].click(g(on_cell), [sid, blk["metric"]], [inf["status"], blk["chart"], blk["selection"]],
+                         show_progress="hidden")
 
 
 def _pf(progress):

@@ -11,6 +11,7 @@ import gradio as gr
 from workbench.engine import eval as ev
 from workbench.engine.errors import Cancelled
 from workbench.panels.context import PanelContext, progress_fn
+from workbench.panels.summary import describe_steps, plot_of, variants_figure
 
 TITLE = "Compare"
 PROMPTS = Path(__file__).resolve().parent.parent / "assets" / "prompts.txt"
@@ -134,8 +135,6 @@ def figures_table(store, sid: str | None) -> str:
 def variant_choices(store, sid: str | None) -> list[tuple[str, int]]:
     if not sid or store.session(sid).spec is None:
         return []
-    from workbench.panels.workbench import describe_steps
-
     cur = store.current(sid)
     out = []
     for v in store.variants(sid):
@@ -150,8 +149,6 @@ def variant_choices(store, sid: str | None) -> list[tuple[str, int]]:
 def variants_plot(store, sid: str | None):
     """One plot of all the session's variants: size (MiB) against quick KL, axes fitted to every one of
     them, the Pareto front marked (the Workbench tab's plot)."""
-    from workbench.panels.workbench import plot_of, variants_figure
-
     return plot_of(variants_figure(store, sid))
 
 

@@ -192,16 +192,7 @@ def build(ctx) -> dict:
     cancel_b.click(g(lambda s: store.cancel(s)), sid, None, show_progress="hidden")
     ctx.changed.change(g(lambda s: shown(store, s)), sid, outs, show_progress="hidden")
 
-    blk = ctx.components.get("blocks", {})
-    if "chart" in blk:  # the Blocks chart shows the new selection at once
-        from workbench.panels import blocks as bp
-
-        def on_cell(s: str, metric: str, evt: gr.EventData):
-            _, note = select_cell(store, s, int(evt.block))
-            return note, bp.chart_value(store, s, metric), bp.selection_text(store, s)
-
-        heat.click(g(on_cell), [sid, blk["metric"]], [status, blk["chart"], blk["selection"]], show_progress="hidden")
-    else:
+    if "chart" not in ctx.components.get("blocks", {}):  # with the Blocks tab, `blocks.wire` handles the click
 
         def on_cell_alone(s: str, evt: gr.EventData):
             return select_cell(store, s, int(evt.block))[1]

@@ -20,17 +20,28 @@ import gradio as gr
 
 from workbench.engine.analysis import influence
 from workbench.engine.errors import Cancelled, RecipeError, WorkbenchError
-from workbench.engine.pareto import pareto_front
 from workbench.panels import blocks as bp
 from workbench.panels.chart import click_bridge_js, placeholder
 from workbench.panels.context import PanelContext
 from workbench.panels.jobs import Job, Tracker
+from workbench.panels.summary import (  # noqa: F401  (the screen's words and variants plot, shared)
+    SELECTED,
+    _blocks_words,
+    _units,
+    describe_steps,
+    mib,
+    num,
+    plain_removal_beside,
+    plot_of,
+    status_words,
+    step_words,
+    variants_figure,
+)
 
 TITLE = "Workbench"
 MODES = ["prune", "fuse", "quantize", "sparsify"]
 SCALES = [("clipped (tallest bar cut, labelled)", "clipped"), ("log", "log"), ("linear", "linear")]
 FILL = {"kept": "#4C78A8", "fused": "#F58518", "dropped": "#C9C9C9"}
-SELECTED = "#E45756"
 QUANT = {2: "#14401F", 3: "#1F6B2E", 4: "#2F8F3E", 8: "#54A24B"}
 CLIP_RATIO = 2.5  # the tallest bar is clipped when it is this many times the second tallest
 LEGEND = (f"<span style='color:{FILL['kept']}'>■</span> kept · <span style='color:{SELECTED}'>□</span> selected "
@@ -206,104 +217,6 @@ def variants_md(store, sid) -> str:
                      for k, v in enumerate(store.variants(sid), 1))
 
 
-def _blocks_words(blocks) -> str:
-    blocks = sorted(blocks)
-    return f"block {blocks[0]}" if len(blocks) == 1 else "blocks " + ", ".join(map(str, blocks))
-
-
-def num(x: float) -> str:
-    """A figure for a sentence: two decimals, or three significant digits below 0.1."""
-    return f"{x:.2f}" if abs(x) >= 0.1 or x == 0 else f"{x:.2g}"
-
-
-def mib(nbytes: int) -> str:
-    m = nbytes / 2**20
-    return f"{m:.0f} MiB" if m >= 10 else f"{m:.2g} MiB"
-
-
-def _count(n: int) -> str:
-    return f"{n} block" + ("" if n == 1 else "s")
-
-
-def step_words(step: dict) -> str:
-    """One recipe step in plain words."""
-    op, b = step.get("op"), step.get("blocks") or []
-    if op == "prune_blocks":
-        return f"pruned {_blocks_words(b)}"
-    if op == "fuse_blocks":
-        return f"fused {_blocks_words(b)} into their neighbours" if b else f"fused the {step.get('k')} lowest-MI blocks"
-    if op == "quantize":
-        g = step.get("group_size")
-        return (f"quantized {_count(len(b))} to {step.get('bits')}-bit {str(step.get('method', '')).upper()} "
-                f"({'per channel' if g == -1 else f'groups of {g}'})")
-    if op == "sparsify":
-        s = step.get("sparsity")
-        return f"sparsified {_count(len(b))} to {s:.0%} ({step.get('method')})" if s is not None else f"sparsified {_count(len(b))}"
-    return str(op)
-
-
-def describe_steps(v) -> str:
-    if not v.steps:
-        return "the loaded model"
-    return "; ".join(step_words(st) for st in v.steps[-1:]) + (f" (from {v.parent})" if v.parent else "")
-
-
-def status_words(store, sid, v, sibling=None) -> str:
-    """"Pruned blocks 13, 14, 16 -> v1: 27 of 30 blocks, KL 0.51, top-1 61 %"."""
-    q = store.quick(sid, v)
-    words = step_words(v.steps[-1])
-    text = (f"{words[0].upper() + words[1:]} → {v.name}: {len(v.kept())} of {v.num_blocks} blocks, "
-            f"KL {num(q['kl'])}, top-1 {q['top1'] * 100:.0f} %, {mib(q['bytes'])}")
-    if sibling is not None:
-        qs = store.quick(sid, sibling)
-        guards = [r.get("guard") or {} for r in (v.reports[-1] or {}).get("per_block") or []]
-        kept = [g.get("kept") for g in guards]
-        if "removal" in kept:
-            verdict = (f"fusion did not beat plain removal on held-out calibration text for {kept.count('removal')} of "
-                       f"{len(kept)} blocks, so plain removal was kept there")
-        elif q["kl"] < qs["kl"]:
-            verdict = "fusion helped"
-        else:
-            verdict = "fusion did not help here: try more steps or more calibration samples"
-        text += (f". Plain removal of the same blocks → {sibling.name}: KL {num(qs['kl'])}, top-1 "
-                 f"{qs['top1'] * 100:.0f} % ({verdict})")
-    return text
-
-
-def variants_figure(store, sid) -> dict:
-    """Size against quick KL for every variant (axes fitted to all of them), the Pareto front marked."""
-    if not sid or store.session(sid).spec is None:
-        return placeholder("Each variant you make appears here: size against KL", 300)
-    vs, cur = store.variants(sid), store.current(sid)
-    qs = [store.quick(sid, v) for v in vs]
-    xs, ys = [q["bytes"] / 2**20 for q in qs], [q["kl"] for q in qs]
-    front = pareto_front(list(zip(xs, ys)))
-    fx = sorted(front, key=lambda i: xs[i])
-    data = [{"type": "scatter", "mode": "lines", "x": [xs[i] for i in fx], "y": [ys[i] for i in fx], "name": "Pareto front",
-             "line": {"color": "#F58518", "dash": "dot"}, "hoverinfo": "skip"},
-            {"type": "scatter", "mode": "markers+text", "x": xs, "y": ys, "text": [v.name for v in vs],
-             "textposition": "top center", "name": "variants",
-             "marker": {"size": [15 if v is cur else 10 for v in vs],
-                        "symbol": ["star" if i in front else "circle" for i in range(len(vs))],
-                        "color": [SELECTED if v is cur else "#4C78A8" for v in vs]},
-             "hovertemplate": "%{text}<br>%{x:.1f} MiB<br>KL %{y:.4f}<extra></extra>"}]
-    pad_x = (max(xs) - min(xs)) * 0.1 or max(xs) * 0.05 or 1.0
-    pad_y = (max(ys) - min(ys)) * 0.15 or 0.05
-    layout = {"height": 300, "margin": {"l": 55, "r": 10, "t": 30, "b": 40}, "showlegend": False,
-              "title": {"text": "variants: size against KL (★ Pareto front: nothing smaller and better)", "font": {"size": 12}},
-              "xaxis": {"title": {"text": "size (MiB)"}, "range": [min(xs) - pad_x, max(xs) + pad_x]},
-              "yaxis": {"title": {"text": "KL to the original (quick set)"}, "range": [min(ys) - pad_y, max(ys) + pad_y]}}
-    return {"data": data, "layout": layout, "front": front}
-
-
-def plot_of(fig: dict):
-    import plotly.graph_objects as go
-
-    f = go.Figure(fig["data"])
-    f.update_layout(fig["layout"])
-    return f
-
-
 # ---- actions ------------------------------------------------------------------------------------------
 def make_step(store, sid, mode: str, rank: int, steps: int, method: str, bits: int, group_size: int, observer: str,
               shrink: float, sp_method: str, sparsity: float) -> dict:
@@ -314,10 +227,6 @@ def make_step(store, sid, mode: str, rank: int, steps: int, method: str, bits: i
     if mode not in MODES:
         raise RecipeError(f"unknown mode '{mode}'")
     return bp.step_for(mode, sel, kept, rank, steps, method, bits, group_size, observer, shrink)
-
-
-def _units(step: dict) -> int:
-    return 1 if step["op"] == "prune_blocks" else max(1, len(step.get("blocks") or []))
 
 
 def apply_job(store, sid, mode, rank, steps, method, bits, group_size, observer, shrink, sp_method, sparsity, poll=0.5):
@@ -338,17 +247,6 @@ def apply_job(store, sid, mode, rank, steps, method, bits, group_size, observer,
     if step["op"] == "fuse_blocks":
         sibling = plain_removal_beside(store, sid, base, v)
     yield "", status_words(store, sid, v, sibling), gr.update(visible=False), PanelContext.token()
-
-
-def plain_removal_beside(store, sid, base, fused):
-    """List plain removal of the fused blocks next to the fused variant (named in order, not made current)."""
-    blocks = sorted(fused.steps[-1].get("blocks", []))
-    plain = store.add_sibling(sid, base.with_dropped(blocks, name=f"v{len(store.variants(sid))}"))
-    plain.steps = list(base.steps) + [{"op": "prune_blocks", "blocks": blocks}]
-    plain.reports = list(base.reports) + [{"op": "prune_blocks", "blocks": blocks}]
-    plain.parent = base.name
-    plain.description = f"plain removal of {_blocks_words(blocks)} (from {base.name}), beside fused {fused.name}"
-    return plain
 
 
 def scan_job(store, sid, chosen: str, scale: str, poll=0.5):
