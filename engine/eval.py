@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import data
 from .errors import Cancelled
-from .hooks import BlockTrace, run_block, trace_blocks
+from .block_stream import BlockTrace, run_span, trace_blocks
 from .loading import LoadedModel
 from .plan import LOGIT_CHUNK_BYTES  # defined beside the memory plan that counts it (no import cycle)
 from .workspace import Variant, block_modules, view_model
@@ -166,11 +166,7 @@ def quick_cache(lm: LoadedModel) -> QuickCache:
 @torch.no_grad()
 def run_from(lm: LoadedModel, variant: Variant, trace: BlockTrace, start: int) -> torch.Tensor:
     """Hidden state after the variant's last block, starting at original block `start` from the trace."""
-    h = trace.inputs[start]
-    for i, module in block_modules(lm.model, lm.adapter, variant):
-        if i >= start:
-            h = run_block(module, h, trace.calls[i])
-    return h
+    return run_span(lm.model, lm.adapter, variant, trace, start)
 
 
 def compare(ref_logp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict:

@@ -14,91 +14,29 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from ..adapters.base import rebind_hooked_forward
+from ..block_stream import (  # noqa: F401  (prompt_ids, token_labels, DEFAULT_PROMPT: callers read them here)
+    DEFAULT_PROMPT,
+    forward_base,
+    isolated_view,
+    owned_hooks,
+    prompt_ids,
+    token_labels,
+    view_blocks,
+)
 from ..errors import UnsupportedArchitecture, WorkbenchError
-from ..hooks import hooks
 from ..loading import LoadedModel
-from ..workspace import Variant, view_model
+from ..workspace import Variant
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = (
-    "The quick brown fox jumps over the lazy dog. Compression keeps what matters, "
-    "and attention shows which words a model reads."
-)
 DEFAULT_DAMPING = 0.85
 DEFAULT_TOL = 1e-6
-
-
-# ---- an isolated, eager view of a variant ---------------------------------------------------------
-def isolated_view(lm: LoadedModel, variant: Variant, attn_implementation: str | None = "eager") -> nn.Module:
-    """A runnable model for `variant` whose every module object is a private shallow copy.
-
-    Tensors are shared with the original (no memory cost beyond a few hundred small objects); each copy
-    has empty hook tables, so hooks registered on the view never fire on the original; every config a
-    module holds is replaced by a copy carrying `attn_implementation` (None keeps the model's own).
-    """
-    model = view_model(lm.model, lm.adapter, variant)
-    configs: dict[int, object] = {}
-    return _clone_tree(model, configs, attn_implementation)
-
-
-def _clone_tree(module: nn.Module, configs: dict, impl: str | None) -> nn.Module:
-    clone = rebind_hooked_forward(copy.copy(module), module)  # an offloaded model's hooks: the copy's own
-    d = clone.__dict__
-    d["_modules"] = OrderedDict((n, None if c is None else _clone_tree(c, configs, impl)) for n, c in module._modules.items())
-    d["_parameters"] = dict(module._parameters)
-    d["_buffers"] = dict(module._buffers)
-    for key, value in list(d.items()):
-        if "hooks" in key and isinstance(value, dict):
-            d[key] = type(value)()
-    # transformers installs its output-recording hooks once per model and marks it; our copy has none.
-    d.pop("_output_capturing_hooks_installed", None)
-    cfg = d.get("config")
-    if impl is not None and cfg is not None and hasattr(cfg, "_attn_implementation"):
-        if id(cfg) not in configs:
-            new = copy.deepcopy(cfg)
-            new._attn_implementation = impl
-            configs[id(cfg)] = new
-        d["config"] = configs[id(cfg)]
-    return clone
-
-
-class _Stop(Exception):
-    pass
-
-
-def view_blocks(lm: LoadedModel, view: nn.Module, variant: Variant) -> list[tuple[int, nn.Module]]:
-    """(original index, block module of the view) for each block the variant keeps."""
-    blocks = lm.adapter.blocks(view)
-    kept = variant.kept()
-    assert len(blocks) == len(kept), "a view has one block per kept original block"
-    return list(zip(kept, blocks))
-
-
-def forward_base(lm: LoadedModel, view: nn.Module, ids: torch.Tensor, stop_after: nn.Module | None = None) -> None:
-    """Run the view's decoder stack (no LM head) on `ids`; optionally stop once `stop_after` has run."""
-    base = getattr(view, "base_model", view)
-    handles = []
-    if stop_after is not None:
-
-        def stop(module, args, out):
-            raise _Stop
-
-        handles.append(stop_after.register_forward_hook(stop))
-    with hooks(*handles):
-        try:
-            base(input_ids=ids, use_cache=False)
-        except _Stop:
-            pass
 
 
 def attention_probs_of(out) -> torch.Tensor:
@@ -126,31 +64,6 @@ class AttentionCapture:
     @property
     def num_heads(self) -> int:
         return int(self.probs.shape[1])
-
-
-def prompt_ids(lm: LoadedModel, prompt: str | None, max_tokens: int | None = None) -> tuple[torch.Tensor, list[str]]:
-    """(1, T) token ids of a prompt (the default one if empty), cropped to its last `max_tokens`."""
-    text = prompt if prompt and prompt.strip() else DEFAULT_PROMPT
-    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
-    notes = []
-    if ids.shape[1] == 0:
-        raise WorkbenchError("the prompt has no tokens")
-    if max_tokens is not None and ids.shape[1] > max_tokens:
-        notes.append(f"prompt cropped from {ids.shape[1]} to its last {max_tokens} tokens")
-        ids = ids[:, -max_tokens:]
-    return ids.to(lm.device), notes
-
-
-def token_labels(tokenizer, ids) -> list[str]:
-    """Readable per-token strings (one decode per id; spaces shown as they are)."""
-    out = []
-    for i in ids:
-        try:
-            s = tokenizer.decode([int(i)])
-        except Exception:  # a tokenizer that cannot decode a lone id: show the id
-            s = f"<{int(i)}>"
-        out.append(s if s.strip() else repr(s)[1:-1] or "∅")
-    return out
 
 
 @torch.no_grad()
@@ -185,7 +98,7 @@ def capture_attention(
         return hook
 
     handles = [lm.adapter.attention(b).register_forward_hook(make(i)) for i, b in pairs_used]
-    with hooks(*handles):
+    with owned_hooks(*handles):
         forward_base(lm, view, input_ids.to(lm.device), stop_after=pairs_used[-1][1] if pairs_used else None)
     order = [i for i, _ in pairs_used]
     probs = torch.stack([got[i] for i in order]) if order else torch.empty(0)

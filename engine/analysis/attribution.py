@@ -23,7 +23,7 @@ import torch
 from ..errors import UnsupportedArchitecture, WorkbenchError
 from ..loading import LoadedModel
 from ..workspace import Variant, original_variant
-from .attention import _Stop, isolated_view, prompt_ids, token_labels
+from ..block_stream import isolated_view, prompt_ids, run_stack, token_labels
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +60,9 @@ def last_logits(lm: LoadedModel, view, ids: torch.Tensor) -> torch.Tensor:
     if lm.adapter.lm_head(view) is None:
         raise UnsupportedArchitecture(f"{lm.adapter.family} has no language-model head to attribute")
     blocks = lm.adapter.blocks(view)
-    got = {}
-
-    def grab(module, args, out):
-        got["h"] = out[0] if isinstance(out, (tuple, list)) else out
-        raise _Stop  # the final norm and the head run below, on the last position only
-
-    handle = blocks[len(blocks) - 1].register_forward_hook(grab)
-    try:
-        getattr(view, "base_model", view)(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return lm.adapter.head(view, got["h"][:, -1])
+    # the final norm and the head run below, on the last position only
+    h = run_stack(view, ids, stop_after=blocks[len(blocks) - 1])
+    return lm.adapter.head(view, h[:, -1])
 
 
 def last_position_fn(lm: LoadedModel, view, target: int, output: str = "logprob"):

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import Cancelled, WorkbenchError
-from ..hooks import hooks
+from ..errors import WorkbenchError
+from ..block_stream import check_cancel, forward_base, isolated_view, owned_hooks, view_blocks
 from ..loading import LoadedModel
 from ..workspace import Variant
-from .attention import attention_probs_of, forward_base, isolated_view, view_blocks
+from .attention import attention_probs_of
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +187,9 @@ def calibration_pass(
 
             handles.append(blk.register_forward_hook(io_hook, with_kwargs=True))
     n = ids.shape[0]
-    with hooks(*handles):
+    with owned_hooks(*handles):
         for start in range(0, n, batch_size):
-            if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
-                raise Cancelled("analysis cancelled")
+            check_cancel(cancel, "analysis cancelled")
             batch = ids[start : start + batch_size].to(lm.device)
             delim["mask"] = delimiter_mask(lm.tokenizer, batch)
             forward_base(lm, view, batch)

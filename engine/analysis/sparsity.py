@@ -38,7 +38,7 @@ from ..adapters import linear_weight
 from ..plan import linear_value
 from ..errors import Cancelled, RecipeError
 from ..eval import compare, run_from
-from ..hooks import BlockTrace, hooks, trace_blocks
+from ..block_stream import BlockTrace, SquaredNorms, owned_hooks, run_stack, trace_blocks
 from ..loading import LoadedModel
 from ..workspace import Variant, copy_block, current_block, original_variant, view_model
 
@@ -276,15 +276,8 @@ def prunable_linears(lm: LoadedModel, variant: Variant, blocks=None, types=None)
 @torch.no_grad()
 def input_norms(lm: LoadedModel, variant: Variant, targets: list[Target], ids: torch.Tensor, batch: int = 4) -> dict[str, torch.Tensor]:
     """||X_j||_2 of every target's input features over the calibration tokens `ids` (owned hooks)."""
-    sq: dict[str, torch.Tensor] = {}
-
-    def make(key):
-        def pre(module, args):
-            x = args[0].detach().float()
-            s = x.pow(2).reshape(-1, x.shape[-1]).sum(0)  # (in,)
-            sq[key] = s if key not in sq else sq[key] + s
-
-        return pre
+    norms_sq = SquaredNorms({t.key: t.module for t in targets if t.param is None})
+    sq = norms_sq.sq  # the experts' hooks below add their slices' sums to the same dict
 
     routed: dict[str, int] = {}
 
@@ -304,15 +297,16 @@ def input_norms(lm: LoadedModel, variant: Variant, targets: list[Target], ids: t
         return pre
 
     model = view_model(lm.model, lm.adapter, variant)
-    handles = [t.module.register_forward_pre_hook(make(t.key)) for t in targets if t.param is None]
+    handles = norms_sq.handles()
     by_experts: dict[int, list[Target]] = {}
     for t in targets:
         if t.param is not None:
             by_experts.setdefault(id(t.module), []).append(t)
     handles += [ts[0].module.register_forward_pre_hook(make_experts(ts)) for ts in by_experts.values()]
-    with hooks(*handles):
+    last = lm.adapter.blocks(model)[-1]
+    with owned_hooks(*handles):
         for b0 in range(0, ids.shape[0], batch):
-            trace_blocks(model, lm.adapter, ids[b0 : b0 + batch].to(lm.device))
+            run_stack(model, ids[b0 : b0 + batch].to(lm.device), stop_after=last)  # no LM head
     norms = {k: v.sqrt() for k, v in sq.items()}
     for t in targets:  # an expert's routed-token count, for the too-few-tokens fallback
         if t.param is not None:

@@ -32,7 +32,7 @@ from torch import nn
 from ..adapters import get_path, linear_weight, set_linear_weight
 from ..data import Calibration, calibration_ids
 from ..errors import BlockIndexError, RecipeError
-from ..hooks import run_block, slice_call, trace_blocks
+from ..block_stream import Stream, run_block, slice_call, trace_blocks
 from ..recipe import OpContext, Step, register
 from ..workspace import DROP, Variant, copy_block, current_block, view_model
 from .fuse_linear import COEF_MODES, FuseLinear
@@ -161,9 +161,9 @@ class FuseBlocks(Step):
                             seed=ctx.calibration.seed, bos=ctx.calibration.bos)
         ids = calibration_ids(lm.tokenizer, calib).to(lm.device)
         trace = trace_blocks(lm.model, lm.adapter, ids)  # h_0 and every block's call arguments
-        stream = _Stream(lm, trace)
-        stream.guard = _OutputGuard(lm, Calibration(source=calib.source, samples=self.guard_samples, seq_len=self.seq_len,
-                                                   seed=calib.seed + 1)) if self.guard_samples else None
+        stream = Stream(lm, trace, cancel=ctx.cancel)  # the current variant's input of each group
+        guard = _OutputGuard(lm, Calibration(source=calib.source, samples=self.guard_samples, seq_len=self.seq_len,
+                                             seed=calib.seed + 1)) if self.guard_samples else None
         cur = variant.derive(f"{variant.name}+fused")
         order, per_block = [], []
         for t in range(n):
@@ -173,7 +173,7 @@ class FuseBlocks(Step):
             else:
                 ctx.report(base, f"fuse {t + 1}/{n}: Macro Influence of {len(cur.kept())} blocks")
                 b, mi = self._lowest_mi(ctx, cur, ids[: self.mi_samples], base, 1 / n)
-            cur, rep = self._fuse_one(ctx, cur, b, trace, stream, base, 1 / n, f"fuse {t + 1}/{n}")
+            cur, rep = self._fuse_one(ctx, cur, b, trace, stream, guard, base, 1 / n, f"fuse {t + 1}/{n}")
             rep["mi"] = mi
             order.append(b)
             per_block.append(rep)
@@ -202,7 +202,8 @@ class FuseBlocks(Step):
         v, i = min(vals) if res.get("higher_is_more_important", True) else max(vals)
         return i, float(v)
 
-    def _fuse_one(self, ctx: OpContext, variant: Variant, b: int, trace, stream, base: float, span: float, label: str):
+    def _fuse_one(self, ctx: OpContext, variant: Variant, b: int, trace, stream: Stream, guard, base: float,
+                  span: float, label: str):
         lm = ctx.lm
         t0 = time.perf_counter()
         kept = variant.kept()
@@ -250,13 +251,13 @@ class FuseBlocks(Step):
         for j, blk in students:
             new.overrides[j] = merge_block(lm.adapter, blk)
             new.tags[j] = "fused"
-        guard = None
-        if stream.guard is not None:
+        guarded = None
+        if guard is not None:
             removal = variant.with_dropped([b], name=variant.name)
-            kl_fused, kl_removal = stream.guard.kl(new), stream.guard.kl(removal)
-            guard = {"kl_fused": kl_fused, "kl_removal": kl_removal, "tokens": stream.guard.tokens,
-                     "kept": "fused" if kl_fused < kl_removal else "removal"}
-            if guard["kept"] == "removal":
+            kl_fused, kl_removal = guard.kl(new), guard.kl(removal)
+            guarded = {"kl_fused": kl_fused, "kl_removal": kl_removal, "tokens": guard.tokens,
+                       "kept": "fused" if kl_fused < kl_removal else "removal"}
+            if guarded["kept"] == "removal":
                 new = removal
         return new, {
             "block": b,
@@ -267,7 +268,7 @@ class FuseBlocks(Step):
             "loss_end": loss_end,
             "steps_run": history["steps_run"],
             "history": history["history"],
-            "guard": guard,
+            "guard": guarded,
             "seconds": time.perf_counter() - t0,
         }
 
@@ -343,36 +344,6 @@ class _OutputGuard:
     def kl(self, variant: Variant) -> float:
         logp = self._logp(view_model(self.lm.model, self.lm.adapter, variant))
         return float((self.ref.exp() * (self.ref - logp)).sum(-1).mean())
-
-
-class _Stream:
-    """The hidden state entering each kept block of the variant being built, cached across fusions:
-    a fusion changes only blocks from its group's first block on, so the states before it stay valid."""
-
-    def __init__(self, lm, trace):
-        self.lm, self.trace = lm, trace
-        self.inputs: dict[int, torch.Tensor] = {}  # original index -> (N, T, d); valid below `valid`
-        self.valid = -1
-        self.guard: _OutputGuard | None = None  # set by the step when its output guard is on
-
-    @torch.no_grad()
-    def input_of(self, variant: Variant, first: int) -> torch.Tensor:
-        lm, kept = self.lm, variant.kept()
-        known = [i for i in kept if i <= min(first, self.valid) and i in self.inputs]
-        start = known[-1] if known else kept[0]
-        h = self.inputs.get(start, self.trace.inputs[0]) if known else self.trace.inputs[0]
-        for i in kept[kept.index(start):]:
-            self.inputs[i] = h
-            if i == first:
-                self.valid = max(self.valid, first)
-                return h
-            h = run_block(current_block(lm.model, lm.adapter, variant, i), h, self.trace.calls[i])
-        raise AssertionError(f"block {first} is not kept")
-
-    def changed_from(self, first: int) -> None:
-        """Blocks from `first` on changed: forget the states after it (the input of `first` stands)."""
-        self.inputs = {i: h for i, h in self.inputs.items() if i <= first}
-        self.valid = min(self.valid, first)
 
 
 # ---- injection and merge (module surgery on copies) ---------------------------------------------------

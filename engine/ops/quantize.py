@@ -37,9 +37,9 @@ from torch import nn
 
 from ..adapters import linear_weight, set_linear_weight
 from ..errors import RecipeError
-from ..hooks import BlockCall, hooks, run_block, slice_call, trace_blocks
+from ..block_stream import BlockCall, HessianStats, Stream, owned_hooks, run_chunked, trace_blocks
 from ..recipe import OpContext, Step, register
-from ..workspace import DROP, Variant, block_modules, copy_block
+from ..workspace import DROP, Variant, copy_block
 from . import gptq as solver
 
 log = logging.getLogger(__name__)
@@ -192,77 +192,22 @@ def _linears_of(lm, variant, blocks):
             yield src, i, name, mod
 
 
-class HessianCollector:
-    """Forward pre-hooks on a block's linears accumulating sum(x x^T) and the token count.
-
-    Linears that read the very same input tensor in a forward (q/k/v, gate/up) share one accumulator:
-    the tensors seen in the current forward are held (so their storage cannot be reused and mistaken
-    for another input) and looked up by storage pointer, shape and stride.
-    """
-
-    def __init__(self, linears: dict[str, nn.Module]):
-        self.linears = linears
-        self.sums: dict[str, torch.Tensor] = {}  # accumulator name -> (in, in) float32
-        self.counts: dict[str, int] = {}
-        self.owner: dict[str, str] = {}  # linear name -> accumulator name
-        self._seen: dict[tuple, str] = {}
-
-    def start_batch(self) -> None:
-        self._seen = {}
-
-    def _hook(self, name):
-        def pre(module, args):
-            x = args[0]
-            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
-            hit = self._seen.get(key)
-            if hit is not None and hit[1] is x:
-                self.owner.setdefault(name, hit[0])
-                return
-            self._seen[key] = (name, x)
-            self.owner.setdefault(name, name)
-            x2 = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32, device=x2.device)
-                self.counts[name] = 0
-            self.sums[name].addmm_(x2.T, x2)
-            self.counts[name] += x2.shape[0]
-
-        return pre
-
-    def handles(self):
-        return [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
-
-    def hessian(self, name: str) -> torch.Tensor:
-        acc = self.owner[name]
-        return self.sums[acc] / max(self.counts[acc], 1)
-
-    def shared_groups(self) -> list[list[str]]:
-        groups: dict[str, list[str]] = {}
-        for n in self.linears:
-            groups.setdefault(self.owner.get(n, n), []).append(n)
-        return list(groups.values())
+HessianCollector = HessianStats  # the GPTQ Hessians now live with the block stream's other statistics
 
 
 def _run(block: nn.Module, hidden: torch.Tensor, call: BlockCall, on_batch=None) -> torch.Tensor:
     """Run a block over the calibration batch in chunks of CALIB_BATCH samples."""
-    outs = []
-    for b0 in range(0, hidden.shape[0], CALIB_BATCH):
-        rows = slice(b0, b0 + CALIB_BATCH)
-        if on_batch is not None:
-            on_batch()
-        outs.append(run_block(block, hidden[rows], slice_call(call, rows, hidden.shape[0])))
-    return torch.cat(outs, dim=0)
+    return run_chunked(block, hidden, call, CALIB_BATCH, on_batch)
 
 
 def _param_bytes(module: nn.Module, skip: set[int]) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters() if id(p) not in skip)
 
 
-def _collect(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor, call: BlockCall) -> HessianCollector:
-    collector = HessianCollector(linears)
-    with hooks(*collector.handles()):
+def _collect(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor, call: BlockCall) -> HessianStats:
+    collector = HessianStats(linears)
+    with collector.watching():  # owned hooks; the held inputs are released at the end
         _run(block, hidden, call, on_batch=collector.start_batch)
-    collector.start_batch()  # release the held inputs
     return collector
 
 
@@ -340,7 +285,7 @@ def _quantize_experts(q_block, experts, hidden, call, scheme: solver.Scheme, met
 
     _check_expert_groups(experts, scheme)
     routed = RoutedInputs(experts)
-    with hooks(routed.handle()):
+    with owned_hooks(routed.handle()):
         _run(q_block, hidden, call)
 
     def solve(W, H, use):
@@ -450,7 +395,7 @@ def _report(method, scheme, per_block, calibration_tokens, sequential, true_sequ
     }
 
 
-def _solve_linear(name: str, mod: nn.Module, collector: HessianCollector, scheme: solver.Scheme,
+def _solve_linear(name: str, mod: nn.Module, collector: HessianStats, scheme: solver.Scheme,
                   method: str) -> tuple[dict, int]:
     """Quantize one linear in place with its Hessian from `collector`. -> (report entry, packed bytes)."""
     W = linear_weight(mod).detach()  # (out, in)
@@ -488,32 +433,23 @@ def quantize_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme:
     ids = ctx.calib_ids()
     ctx.report(0.0, f"quantize: tracing {ids.numel()} calibration tokens")
     trace = trace_blocks(lm.model, lm.adapter, ids)
-    todo = set(blocks)
-    # The variant's hidden state is exact from the first block that differs from the original.
-    first_changed = min([variant.first_change() if variant.first_change() is not None else blocks[0], blocks[0]])
-    h = trace.inputs[first_changed]
+    # The carrier: each chosen block is calibrated on what the blocks before it (quantized ones included,
+    # when sequential) feed it; unchanged blocks before the variant's first change come from the trace.
+    stream = Stream(lm, trace, batch=CALIB_BATCH, cancel=ctx.cancel)
     new = variant.derive()
     per_block: dict[int, dict] = {}
-    done = 0
-    for i, module in block_modules(lm.model, lm.adapter, variant):
-        if i < first_changed:
-            continue
-        if i > max(todo):
-            break
-        call = trace.calls[i]
-        if i in todo:
-            ctx.report(done / len(blocks), f"quantize: block {i} ({method} {scheme.bits}-bit)")
-            src = _source_module(lm, variant, i)
-            q_block, rep = quantize_block(src, lm.adapter, h, call, scheme, method, true_sequential)
-            # A plain attribute (not a registered submodule): sizes and state dicts ignore it.
-            object.__setattr__(q_block, "workbench_quant_source", src)
-            new.overrides[i] = q_block
-            new.tags[i] = _tag(scheme.bits, scheme.group_size, scheme.gguf)
-            per_block[i] = rep
-            if sequential:
-                module = q_block  # the quantized output feeds the next block
-            done += 1
-        h = _run(module, h, call)
+    for done, i in enumerate(sorted(set(blocks))):
+        h = stream.input_of(new if sequential else variant, i)
+        ctx.report(done / len(blocks), f"quantize: block {i} ({method} {scheme.bits}-bit)")
+        src = _source_module(lm, variant, i)
+        q_block, rep = quantize_block(src, lm.adapter, h, trace.calls[i], scheme, method, true_sequential)
+        # A plain attribute (not a registered submodule): sizes and state dicts ignore it.
+        object.__setattr__(q_block, "workbench_quant_source", src)
+        new.overrides[i] = q_block
+        new.tags[i] = _tag(scheme.bits, scheme.group_size, scheme.gguf)
+        per_block[i] = rep
+        if sequential:
+            stream.changed_from(i)  # the quantized output feeds the next block
     report = _report(method, scheme, per_block, ids.numel(), sequential, true_sequential, t0)
     ctx.report(1.0, f"quantize: {len(per_block)} blocks done")
     return new, report
