@@ -289,7 +289,8 @@ def test_panel_sweep_pick_and_apply(tiny_lm):
     sid = store.new_session()
     store.attach(sid)
     store.set_calibration(sid, 2, 32)
-    res = panel.run_sweep(store, sid, ["magnitude", "wanda"], ["unstructured", "4:8"], points=3, eval_tokens=512)
+    res = panel.run_sweep(store, sid, panel.SweepForm(("magnitude", "wanda"), ("unstructured", "4:8"), points=3,
+                                                     eval_tokens=512))
     fig = panel.figure(res, log_y=True)
     assert fig["layout"]["yaxis"]["type"] == "log"
     curve = next(t for t in fig["data"] if t["name"].startswith("wanda ("))
