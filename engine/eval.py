@@ -112,6 +112,22 @@ class QuickCache:
                 tot[k] += s[k]
         return tot
 
+    def sums(self, lm: LoadedModel, variant: Variant, start: int | None = None) -> dict:
+        """Sums over the cached tokens ({"kl", "agree", "nll", "n"}) of `variant`, run from original block
+        `start` (default: its first change) on; the identity variant is the reference itself."""
+        targets = self.ids[:, 1:]
+        if variant.is_identity():
+            n = targets.numel()
+            return {"kl": 0.0, "agree": float(n), "nll": self.ref_nll * n, "n": n}
+        start = variant.first_change() if start is None else start
+        return self.compare_hidden(lm, run_from(lm, variant, self.trace, start))
+
+    def evaluate(self, lm: LoadedModel, variant: Variant, start: int | None = None) -> dict:
+        """{"ppl", "kl", "top1", "nll"} of `variant` on the cached tokens (see `sums`)."""
+        if variant.is_identity():  # exactly the reference's own figures
+            return {"ppl": math.exp(self.ref_nll), "kl": 0.0, "top1": 1.0, "nll": self.ref_nll}
+        return _summarise(self.sums(lm, variant, start))
+
     def compare(self, logits: torch.Tensor) -> dict:
         """Sums over the quick tokens, as `compare` returns them, from the variant's logits (B, T-1, V)."""
         return self._sums(logits, self.ids[:, 1:], self.ref_logp, self.ref_negent, self.ref_psum, self.ref_top1)
@@ -131,32 +147,38 @@ class QuickCache:
 _cache_lock = threading.Lock()
 
 
+@torch.no_grad()
+def reference_cache(lm: LoadedModel, ids: torch.Tensor) -> QuickCache:
+    """Trace the original once on `ids` (B, T) and cache its side of every comparison: the engine's one
+    traced evaluator (the quick set, the sparsity sweep's evaluation subset)."""
+    trace = trace_blocks(lm.model, lm.adapter, ids)
+    h = trace.output[:, :-1]  # (B, T-1, d)
+    B, T1 = h.shape[:2]
+    rows = h.reshape(B * T1, -1)
+    tgt = ids[:, 1:].reshape(-1)
+    step = chunk_tokens(_vocab(lm))
+    lp16, negent, psum, top1, nll = [], [], [], [], 0.0
+    for a in range(0, rows.shape[0], step):  # chunks of tokens: bounded whatever the vocabulary
+        logp = F.log_softmax(lm.adapter.head(lm.model, rows[a : a + step]), dim=-1)  # (n, V)
+        nll -= logp.gather(-1, tgt[a : a + step, None]).sum().item()
+        lp = logp.half()
+        lpf = lp.float()
+        lp16.append(lp)
+        negent.append((lpf.exp() * lpf).sum(-1))
+        psum.append(lpf.exp().sum(-1))
+        top1.append(logp.argmax(-1))
+    shape = (B, T1)
+    return QuickCache(ids=ids, trace=trace, ref_logp=torch.cat(lp16).reshape(B, T1, -1),
+                      ref_negent=torch.cat(negent).reshape(shape), ref_psum=torch.cat(psum).reshape(shape),
+                      ref_top1=torch.cat(top1).reshape(shape), ref_nll=nll / max(1, tgt.numel()))
+
+
 def quick_cache(lm: LoadedModel) -> QuickCache:
     """Build (once per loaded model, thread-safe) the quick set's cached trace and reference."""
     with _cache_lock:
         qc = getattr(lm, "_quick_cache", None)
         if qc is None:
-            ids = data.quick_ids(lm.tokenizer).to(lm.device)
-            trace = trace_blocks(lm.model, lm.adapter, ids)
-            h = trace.output[:, :-1]  # (B, T-1, d)
-            B, T1 = h.shape[:2]
-            rows = h.reshape(B * T1, -1)
-            tgt = ids[:, 1:].reshape(-1)
-            step = chunk_tokens(_vocab(lm))
-            lp16, negent, psum, top1, nll = [], [], [], [], 0.0
-            for a in range(0, rows.shape[0], step):  # chunks of tokens: bounded whatever the vocabulary
-                logp = F.log_softmax(lm.adapter.head(lm.model, rows[a : a + step]), dim=-1)  # (n, V)
-                nll -= logp.gather(-1, tgt[a : a + step, None]).sum().item()
-                lp = logp.half()
-                lpf = lp.float()
-                lp16.append(lp)
-                negent.append((lpf.exp() * lpf).sum(-1))
-                psum.append(lpf.exp().sum(-1))
-                top1.append(logp.argmax(-1))
-            shape = (B, T1)
-            qc = QuickCache(ids=ids, trace=trace, ref_logp=torch.cat(lp16).reshape(B, T1, -1),
-                            ref_negent=torch.cat(negent).reshape(shape), ref_psum=torch.cat(psum).reshape(shape),
-                            ref_top1=torch.cat(top1).reshape(shape), ref_nll=nll / max(1, tgt.numel()))
+            qc = reference_cache(lm, data.quick_ids(lm.tokenizer).to(lm.device))
             if qc.nbytes() > QUICK_CACHE_BUDGET_BYTES:
                 raise MemoryError(f"quick cache needs {qc.nbytes() / 2**20:.0f} MiB, over its budget")
             lm._quick_cache = qc
@@ -207,12 +229,7 @@ def quick_eval(lm: LoadedModel, variant: Variant) -> dict:
     """KL, top-1 agreement and (noisy) perplexity on the quick set, from the first changed block on."""
     t0 = time.perf_counter()
     qc = quick_cache(lm)
-    targets = qc.ids[:, 1:]
-    if variant.is_identity():
-        s = {"kl": 0.0, "agree": float(targets.numel()), "nll": qc.ref_nll * targets.numel(), "n": targets.numel()}
-    else:
-        h = run_from(lm, variant, qc.trace, variant.first_change())
-        s = qc.compare_hidden(lm, h)
+    s = qc.sums(lm, variant)
     out = _summarise(s)
     out.update(size_of(lm, variant))
     out["tokens"] = int(s["n"])
