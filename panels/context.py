@@ -94,8 +94,6 @@ def progress_fn(progress):
     return lambda frac, msg: progress(float(frac), desc=msg)
 
 
-
-
 # ---- typed forms ------------------------------------------------------------------------------------
 # A handler with many settings takes one frozen dataclass (a "form"), not one positional parameter per
 # component. The event lists its inputs as a set, `{sid, *fields.values()}`: Gradio then calls the
