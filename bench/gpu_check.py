@@ -201,7 +201,7 @@ def quantize_timing():
 
 @section("fuse self-check (fp32 and bf16 autocast) on CUDA")
 def fuse_check():
-    from workbench.engine.ops.fuse import gpu_self_check
+    from self_checks import gpu_self_check
 
     r = gpu_self_check("cuda")
     assert r["ok"], r
@@ -210,9 +210,9 @@ def fuse_check():
 
 @section("sparsity masks on CUDA equal CPU")
 def sparsity_check():
-    from workbench.engine.analysis.sparsity import self_check
+    from self_checks import sparsity_self_check
 
-    r = self_check("cuda")
+    r = sparsity_self_check("cuda")
     assert r["ok"], r
     return r
 

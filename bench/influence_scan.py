@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from workbench.commands.analyze_influence import INFLUENCE_SAMPLES, INFLUENCE_SEQ_LEN
 from workbench.engine.analysis.influence import block_scores, removal_plan
 from workbench.engine.data import Calibration, calibration_ids
-from workbench.engine.hooks import run_block, trace_blocks
+from workbench.engine.block_stream import run_block, trace_blocks
 from workbench.engine.loading import load_model
 from workbench.engine.variant import original_variant
 

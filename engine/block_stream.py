@@ -6,9 +6,9 @@
   block onward without re-running the blocks before it (`run_span`).
 - stop after block k (`run_stack`): the decoder stack without the LM head, ended by an exception raised
   from a forward hook once block k has run; its output is returned. The one such forward in the engine.
-- per-linear statistics (`InputStatistic`, `HessianStats`, `SquaredNorms`): forward pre-hooks on named
-  modules, registered and always removed by `owned_hooks` (IST-DASLab/gptq's `add_batch`, Wanda's
-  feature norms).
+- per-linear statistics (`InputStatistic`, `HessianStats`, `SquaredNorms`, `point_hooks`): forward hooks
+  on named modules, registered and always removed by `owned_hooks` (IST-DASLab/gptq's `add_batch`,
+  Wanda's feature norms, the outlier moments of a module's input or output).
 - sequential calibration (`Stream`): the hidden state entering each kept block of a variant being built,
   carried forward through its compressed blocks, in calibration chunks, cancellable, with progress;
   written once and used by quantize and fuse (IST-DASLab/gptq's order: compress a block, re-run it, feed
@@ -246,6 +246,30 @@ class InputStatistic:
                 yield self
         finally:
             self.start_batch()
+
+
+def point_hooks(points: dict, add) -> list:
+    """Hooks handing each point's activation to `add(key, tensor)`; `points` {key: (module, "in" | "out")}:
+    "in" reads the module's first input (a pre-hook), "out" the hidden state it returns (outlier moments).
+    Register them inside `owned_hooks(*...)` so they are always removed."""
+
+    def reader(key, where):
+        if where == "in":
+            def pre(module, args):
+                add(key, args[0])
+
+            return pre
+
+        def post(module, args, out):
+            add(key, _hidden_of(out))
+
+        return post
+
+    handles = []
+    for key, (module, where) in points.items():
+        hook = reader(key, where)
+        handles.append(module.register_forward_pre_hook(hook) if where == "in" else module.register_forward_hook(hook))
+    return handles
 
 
 class HessianStats(InputStatistic):

@@ -112,6 +112,22 @@ class QuickCache:
                 tot[k] += s[k]
         return tot
 
+    def sums(self, lm: LoadedModel, variant: Variant, start: int | None = None) -> dict:
+        """Sums over the cached tokens ({"kl", "agree", "nll", "n"}) of `variant`, run from original block
+        `start` (default: its first change) on; the identity variant is the reference itself."""
+        targets = self.ids[:, 1:]
+        if variant.is_identity():
+            n = targets.numel()
+            return {"kl": 0.0, "agree": float(n), "nll": self.ref_nll * n, "n": n}
+        start = variant.first_change() if start is None else start
+        return self.compare_hidden(lm, run_from(lm, variant, self.trace, start))
+
+    def evaluate(self, lm: LoadedModel, variant: Variant, start: int | None = None) -> dict:
+        """{"ppl", "kl", "top1", "nll"} of `variant` on the cached tokens (see `sums`)."""
+        if variant.is_identity():  # exactly the reference's own figures
+            return {"ppl": math.exp(self.ref_nll), "kl": 0.0, "top1": 1.0, "nll": self.ref_nll}
+        return _summarise(self.sums(lm, variant, start))
+
     def compare(self, logits: torch.Tensor) -> dict:
         """Sums over the quick tokens, as `compare` returns them, from the variant's logits (B, T-1, V)."""
         return self._sums(logits, self.ids[:, 1:], self.ref_logp, self.ref_negent, self.ref_psum, self.ref_top1)
@@ -128,10 +144,10 @@ class QuickCache:
         return {"kl": kl.sum().item(), "agree": agree.sum().item(), "nll": nll.sum().item(), "n": targets.numel()}
 
 
-def quick_cache(lm: LoadedModel) -> QuickCache:
-    """Build the quick set's trace and the original's reference (a Workspace keeps one per model, pinned in
-    its shared result cache; a caller evaluating many variants alone keeps the one it built)."""
-    ids = data.quick_ids(lm.tokenizer).to(lm.device)
+@torch.no_grad()
+def reference_cache(lm: LoadedModel, ids: torch.Tensor) -> QuickCache:
+    """Trace the original once on `ids` (B, T) and cache its side of every comparison: the engine's one
+    traced evaluator (the quick set, the sparsity sweep's evaluation subset)."""
     trace = trace_blocks(lm.model, lm.adapter, ids)
     h = trace.output[:, :-1]  # (B, T-1, d)
     B, T1 = h.shape[:2]
@@ -149,9 +165,15 @@ def quick_cache(lm: LoadedModel) -> QuickCache:
         psum.append(lpf.exp().sum(-1))
         top1.append(logp.argmax(-1))
     shape = (B, T1)
-    qc = QuickCache(ids=ids, trace=trace, ref_logp=torch.cat(lp16).reshape(B, T1, -1),
-                    ref_negent=torch.cat(negent).reshape(shape), ref_psum=torch.cat(psum).reshape(shape),
-                    ref_top1=torch.cat(top1).reshape(shape), ref_nll=nll / max(1, tgt.numel()))
+    return QuickCache(ids=ids, trace=trace, ref_logp=torch.cat(lp16).reshape(B, T1, -1),
+                      ref_negent=torch.cat(negent).reshape(shape), ref_psum=torch.cat(psum).reshape(shape),
+                      ref_top1=torch.cat(top1).reshape(shape), ref_nll=nll / max(1, tgt.numel()))
+
+
+def quick_cache(lm: LoadedModel) -> QuickCache:
+    """Build the quick set's trace and the original's reference (a Workspace keeps one per model, pinned in
+    its shared result cache; a caller evaluating many variants alone keeps the one it built)."""
+    qc = reference_cache(lm, data.quick_ids(lm.tokenizer).to(lm.device))
     if qc.nbytes() > QUICK_CACHE_BUDGET_BYTES:
         raise MemoryError(f"quick cache needs {qc.nbytes() / 2**20:.0f} MiB, over its budget")
     return qc
@@ -202,12 +224,7 @@ def quick_eval(lm: LoadedModel, variant: Variant, reference: QuickCache | None =
     `reference`: the quick_cache(lm) to compare against (built here when not given)."""
     t0 = time.perf_counter()
     qc = reference or quick_cache(lm)
-    targets = qc.ids[:, 1:]
-    if variant.is_identity():
-        s = {"kl": 0.0, "agree": float(targets.numel()), "nll": qc.ref_nll * targets.numel(), "n": targets.numel()}
-    else:
-        h = run_from(lm, variant, qc.trace, variant.first_change())
-        s = qc.compare_hidden(lm, h)
+    s = qc.sums(lm, variant)
     out = _summarise(s)
     out.update(size_of(lm, variant))
     out["tokens"] = int(s["n"])

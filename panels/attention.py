@@ -8,6 +8,8 @@ each figure says when it does so.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import gradio as gr
 import plotly.graph_objects as go
@@ -15,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from workbench.engine.analysis.attention import DEFAULT_PROMPT, AttentionCapture
-from workbench.panels.context import progress_fn
+from workbench.engine.errors import WorkbenchError
+from workbench.panels.context import form_values, number, progress_fn, whole
 
 TITLE = "Attention"
 GRID_CELLS = 16
@@ -107,14 +110,36 @@ def pick_variant(store, sid, which: str):
     return store.session(sid).variants[0] if which == "original" else cur
 
 
-def render(store, sid, prompt: str, which: str, damping: float, skip_first: bool, block: int | None, head: str,
-           progress=None):
+@dataclass(frozen=True)
+class AttentionForm:
+    """What the Attention tab shows: the prompt, on which model, PageRank's settings, the block and head
+    (None: the first block; "avg": the heads' average)."""
+
+    prompt: str = DEFAULT_PROMPT
+    which: str = "current variant"
+    damping: float = 0.85
+    skip_first: bool = False
+    block: int | None = None
+    head: str = "avg"
+
+    @classmethod
+    def parse(cls, values: dict) -> "AttentionForm":
+        """{field: raw widget value} -> the form; a block or damping that is not a number is refused by name."""
+        block = values.get("block")
+        return cls(prompt=values.get("prompt", DEFAULT_PROMPT), which=values.get("which", "current variant"),
+                   damping=number(values, "damping", 0.85, WorkbenchError), skip_first=bool(values.get("skip_first")),
+                   block=None if block in (None, "") else whole(values, "block", 0, WorkbenchError),
+                   head=str(values.get("head") or "avg"))
+
+
+def render(store, sid, form: AttentionForm, progress=None):
     """-> (grid, head map, PageRank bars, info, block choices update) for the chosen variant."""
 
-    variant = pick_variant(store, sid, which)
-    cap, rep = store.workspace(sid).attention(variant, prompt, 512, float(damping), bool(skip_first), progress=progress)
-    pos = cap.blocks.index(int(block)) if block is not None and int(block) in cap.blocks else 0
-    h = None if head in (None, "", "avg") else int(head)
+    variant = pick_variant(store, sid, form.which)
+    cap, rep = store.workspace(sid).attention(variant, form.prompt, 512, form.damping, form.skip_first,
+                                              progress=progress)
+    pos = cap.blocks.index(form.block) if form.block is not None and form.block in cap.blocks else 0
+    h = None if form.head in ("", "avg") else int(form.head)
     info = (f"**{variant.name}** · {len(cap.tokens)} tokens · {len(cap.blocks)} blocks x {cap.num_heads} heads"
             + ("" if not rep["notes"] else " · " + "; ".join(rep["notes"])))
     choices = gr.update(choices=cap.blocks, value=cap.blocks[pos])
@@ -140,11 +165,13 @@ def build(ctx) -> dict:
         bars = gr.Plot(label="PageRank")
     outs = [grid, hmap, bars, info, block, head]
 
-    def run(s, p, w, d, sk, b, h, progress=gr.Progress()):
-        return render(store, s, p, w, d, sk, b, h, progress_fn(progress))
+    form = {"prompt": prompt, "which": which, "damping": damping, "skip_first": skip, "block": block, "head": head}
 
-    go_b.click(g(run), [sid, prompt, which, damping, skip, block, head], outs, **ctx.heavy)
+    def run(values: dict, progress=gr.Progress()):  # a set of inputs: one dict keyed by component
+        return render(store, values[sid], AttentionForm.parse(form_values(values, form)), progress_fn(progress))
+
+    go_b.click(g(run), {sid, *form.values()}, outs, **ctx.heavy)
     for comp in (block, head):
-        comp.input(g(run), [sid, prompt, which, damping, skip, block, head], outs, show_progress="hidden")
+        comp.input(g(run), {sid, *form.values()}, outs, show_progress="hidden")
     return {"prompt": prompt, "grid": grid, "head_map": hmap, "pagerank": bars, "block": block, "head": head,
             "show": go_b, "info": info, "damping": damping, "skip": skip}

@@ -8,13 +8,14 @@ ships inside the `plotly` package (no CDN); a bar click becomes the component's 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields
 
 import gradio as gr
 
 from workbench.engine.analysis import influence
 from workbench.engine.errors import Cancelled, RecipeError
 from workbench.panels.chart import click_bridge_js
-from workbench.panels.context import PanelContext, progress_fn
+from workbench.panels.context import PanelContext, form_values, number, progress_fn, whole
 from workbench.panels.influence import cached_values, hover_extra, select_cell
 from workbench.panels.summary import _units, plain_removal_beside, status_words, step_words
 
@@ -164,11 +165,43 @@ def step_for(mode: str, blocks: list[int], kept: list[int], rank: int = 8, steps
     raise RecipeError(f"unknown mode '{mode}'")
 
 
-def apply(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: int, group_size: int,
-          observer: str = "minmax", shrink: float = 0.0, progress=gr.Progress()) -> tuple[str, str]:
+@dataclass(frozen=True)
+class ApplyForm:
+    """The Apply button's settings, from the Blocks tab or the Workbench screen (the screen adds sparsify,
+    `sp_method` and `sparsity`). The defaults are `step_for`'s; the op configs check the values' ranges."""
+
+    mode: str
+    rank: int = 8
+    steps: int = 40
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 64
+    observer: str = "minmax"
+    shrink: float = 0.0
+    sp_method: str = "wanda"
+    sparsity: float = 0.5
+
+    @classmethod
+    def parse(cls, values: dict) -> "ApplyForm":
+        """{field: raw widget value} -> the form; a field left out takes its default, a number box left
+        empty (None) or holding text is refused with a message naming it."""
+        d = {f.name: f.default for f in fields(cls)}
+        return cls(mode=str(values.get("mode") or ""), rank=whole(values, "rank", d["rank"]),
+                   steps=whole(values, "steps", d["steps"]), method=str(values.get("method", d["method"])),
+                   bits=whole(values, "bits", d["bits"]), group_size=whole(values, "group_size", d["group_size"]),
+                   observer=str(values.get("observer", d["observer"])), shrink=number(values, "shrink", d["shrink"]),
+                   sp_method=str(values.get("sp_method", d["sp_method"])),
+                   sparsity=number(values, "sparsity", d["sparsity"]))
+
+    def step(self, blocks: list[int], kept: list[int]) -> dict:
+        """The recipe step for this form and the selection (`step_for`; sparsify is the screen's own)."""
+        return step_for(self.mode, blocks, kept, self.rank, self.steps, self.method, self.bits, self.group_size,
+                        self.observer, self.shrink)
+
+
+def apply(store, sid: str, form: ApplyForm, progress=gr.Progress()) -> tuple[str, str]:
     """Apply the step to the current variant (a heavy, cancellable job). -> (status, changed token)."""
-    step = step_for(mode, store.pending_in_order(sid), store.current(sid).kept(), rank, steps, method, bits, group_size,
-                    observer, shrink)
+    step = form.step(store.pending_in_order(sid), store.current(sid).kept())
     base = store.current(sid)
     cancel = store.begin_job(sid)
     try:
@@ -177,7 +210,7 @@ def apply(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: 
         gr.Warning("Cancelled: nothing was changed.")
         return "Cancelled: the current variant is unchanged.", gr.skip()
     full = v.reports[-1] if v.reports else {}
-    sibling = plain_removal_beside(store, sid, base, v) if mode == "fuse" else None
+    sibling = plain_removal_beside(store, sid, base, v) if form.mode == "fuse" else None
     text = status_words(store, sid, v, sibling)  # plain words; the recipe itself is in the Export tab
     return text + fuse_summary(full), PanelContext.token()
 
@@ -194,13 +227,10 @@ def tracked(call, units: int, what: str, poll: float = 0.5):
     return job.result()
 
 
-def apply_job(store, sid: str, mode: str, rank: int, steps: int, method: str, bits: int, group_size: int,
-              observer: str = "minmax", shrink: float = 0.0, poll: float = 0.5):
+def apply_job(store, sid: str, form: ApplyForm, poll: float = 0.5):
     """The Apply button: yields (job line, status, changed) while the step runs, then apply's result."""
-    step = step_for(mode, store.pending_in_order(sid), store.current(sid).kept(), rank, steps, method, bits,
-                    group_size, observer, shrink)
-    call = lambda progress: apply(store, sid, mode, rank, steps, method, bits, group_size, observer, shrink,
-                                  progress=progress)
+    step = form.step(store.pending_in_order(sid), store.current(sid).kept())
+    call = lambda progress: apply(store, sid, form, progress=progress)
     gen = tracked(call, _units(step), f"{step_words(step)}: starting", poll)
     try:
         while True:
@@ -299,9 +329,14 @@ def build(ctx) -> dict:
         g(lambda s, m: preview_text(store, s, m)), [sid, mode], preview, show_progress="hidden")
     clear_b.click(g(lambda s, m: clear(store, s, m)), [sid, metric], [chart, selection, preview], show_progress="hidden")
     shown, hidden = (lambda: gr.update(visible=True)), (lambda: gr.update(visible=False))
+    form = {"mode": mode, "rank": rank, "steps": fsteps, "method": method, "bits": bits, "group_size": group,
+            "observer": observer, "shrink": shrink}
+
+    def on_apply(values: dict):  # a set of inputs: one dict keyed by component
+        yield from apply_job(store, values[sid], ApplyForm.parse(form_values(values, form)))
+
     apply_b.click(shown, None, cancel_b, queue=False, show_progress="hidden").then(
-        g(lambda s, *a: (yield from apply_job(store, s, *a))),
-        [sid, mode, rank, fsteps, method, bits, group, observer, shrink], [job, status, ctx.changed],
+        g(on_apply), {sid, *form.values()}, [job, status, ctx.changed],
         api_name="apply", show_progress="hidden", **ctx.heavy).then(hidden, None, cancel_b, show_progress="hidden")
     cancel_b.click(g(lambda s: store.cancel(s)), sid, None, show_progress="hidden")
     undo_b.click(g(lambda s: undo(store, s)), sid, [status, ctx.changed], api_name="undo", **ctx.heavy)

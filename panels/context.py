@@ -16,7 +16,7 @@ from typing import Any
 
 import gradio as gr
 
-from workbench.engine.errors import Cancelled, WorkbenchError
+from workbench.engine.errors import Cancelled, RecipeError, WorkbenchError
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +94,33 @@ def progress_fn(progress):
     return lambda frac, msg: progress(float(frac), desc=msg)
 
 
+# ---- typed forms ------------------------------------------------------------------------------------
+# A handler with many settings takes one frozen dataclass (a "form"), not one positional parameter per
+# component. The event lists its inputs as a set, `{sid, *fields.values()}`: Gradio then calls the
+# handler with one dict keyed by component; `form_values` renames it by field, and the form's `parse`
+# turns the raw widget values (a cleared number box gives None) into typed fields, each check naming
+# the field it refuses.
+def form_values(values: dict, fields: dict[str, Any]) -> dict[str, Any]:
+    """{component: value} (what Gradio passes for a set of inputs) -> {field name: value}."""
+    return {name: values[comp] for name, comp in fields.items()}
+
+
+def whole(values: dict, name: str, default: int, error: type[WorkbenchError] = RecipeError) -> int:
+    """The field `name` as a whole number (`default` when absent); a clear message (`error`) otherwise."""
+    v = values.get(name, default)
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise error(f"{name.replace('_', ' ')}: enter a whole number (got {v!r})") from None
+    if not f.is_integer():
+        raise error(f"{name.replace('_', ' ')}: enter a whole number (got {v!r})")
+    return int(f)
+
+
+def number(values: dict, name: str, default: float, error: type[WorkbenchError] = RecipeError) -> float:
+    """The field `name` as a number (`default` when absent); a clear message (`error`) otherwise."""
+    v = values.get(name, default)
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise error(f"{name.replace('_', ' ')}: enter a number (got {v!r})") from None

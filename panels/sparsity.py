@@ -8,6 +8,7 @@ current variant through the store. The sweep runs on the current variant, KL is 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import gradio as gr
 import plotly.graph_objects as go
@@ -15,7 +16,7 @@ import plotly.graph_objects as go
 from workbench.engine.analysis import sparsity as sp
 from workbench.engine.errors import RecipeError
 from workbench.panels.chart import click_bridge_js, placeholder, placeholder_figure
-from workbench.panels.context import progress_fn
+from workbench.panels.context import form_values, number, progress_fn, whole
 
 TITLE = "Sparsity"
 COLORS = {"magnitude": "#1f77b4", "wanda": "#d62728"}
@@ -115,18 +116,43 @@ def heatmap(sens: dict | None) -> go.Figure:
 
 
 # ---- handlers (plain functions; tests call them without a browser) ----------------------------------
-def run_sweep(store, sid, methods, patterns, points: int = 10, max_sparsity: float = 0.9, eval_tokens: int = 2048,
-              tolerance_pct: float = 1.0, magnitude_scope: str = "global", progress=None) -> dict:
-    """Sweep the current variant; the result is kept in the session (variants never change once made)."""
-    if not methods:
-        raise RecipeError("choose at least one method")
+@dataclass(frozen=True)
+class SweepForm:
+    """The sweep's settings from the Sparsity tab; `eval_tokens` 0 = the whole evaluation split, `log_y`
+    only draws the chart."""
+
+    methods: tuple[str, ...]
+    patterns: tuple[str, ...] = ("unstructured",)
+    points: int = 10
+    max_sparsity: float = 0.9
+    eval_tokens: int = 2048
+    tolerance_pct: float = 1.0
+    magnitude_scope: str = "global"
+    log_y: bool = True
+
+    def __post_init__(self):
+        if not self.methods:
+            raise RecipeError("choose at least one method")
+
+    @classmethod
+    def parse(cls, values: dict) -> "SweepForm":
+        """{field: raw widget value} -> the form; a number field that is not a number is refused by name."""
+        return cls(methods=tuple(values.get("methods") or ()), patterns=tuple(values.get("patterns") or ()),
+                   points=whole(values, "points", 10), max_sparsity=number(values, "max_sparsity", 0.9),
+                   eval_tokens=whole(values, "eval_tokens", sp.DEFAULT_EVAL_TOKENS),
+                   tolerance_pct=number(values, "tolerance_pct", 1.0),
+                   magnitude_scope=str(values.get("magnitude_scope") or "global"), log_y=bool(values.get("log_y", True)))
+
+
+def run_sweep(store, sid, form: SweepForm, progress=None) -> dict:
+    """Sweep the current variant; the result is kept in the workspace (variants never change once made)."""
     ws = store.workspace(sid)
-    s, lm, v = ws, ws.lm, ws.current
-    cfg = sp.SweepConfig(methods=tuple(methods), patterns=tuple(patterns) or ("unstructured",), points=int(points),
-                         max_sparsity=float(max_sparsity), eval_tokens=int(eval_tokens) or None,
-                         tolerance=float(tolerance_pct) / 100.0, scope={"magnitude": magnitude_scope},
-                         source=s.calibration.source)
-    ids = ws.calib_ids() if "wanda" in methods else None
+    lm, v = ws.lm, ws.current
+    cfg = sp.SweepConfig(methods=form.methods, patterns=form.patterns or ("unstructured",), points=form.points,
+                         max_sparsity=form.max_sparsity, eval_tokens=form.eval_tokens or None,
+                         tolerance=form.tolerance_pct / 100.0, scope={"magnitude": form.magnitude_scope},
+                         source=ws.calibration.source)
+    ids = ws.calib_ids() if "wanda" in form.methods else None
     cancel = store.begin_job(sid)
     return ws.result(v, "sparsity_sweep", (repr(cfg), ws.calibration), lambda: sp.sweep(
         lm, cfg, variant=v, calib_ids=ids, progress=progress, cancel=cancel))
@@ -185,9 +211,13 @@ def build(ctx) -> dict:
         sens_b = gr.Button("Sensitivity grid at the chosen method / pattern / sparsity")
     heat = gr.Plot(label="Per-layer sensitivity")
 
-    def sweep_h(s, m, p, n, mx, tk, tl, sc, lg, progress=gr.Progress()):
-        res = run_sweep(store, s, m, p, n, mx, tk, tl, sc, progress_fn(progress))
-        return json.dumps(figure(res, lg)), summary(res)
+    form = {"methods": methods, "patterns": patterns, "points": points, "max_sparsity": max_s, "eval_tokens": tokens,
+            "tolerance_pct": tol, "magnitude_scope": scope, "log_y": log_y}
+
+    def sweep_h(values: dict, progress=gr.Progress()):  # a set of inputs: one dict keyed by component
+        f = SweepForm.parse(form_values(values, form))
+        res = run_sweep(store, values[sid], f, progress_fn(progress))
+        return json.dumps(figure(res, f.log_y)), summary(res)
 
     def relog(s, lg):
         res = store.workspace(s).latest(None, "sparsity_sweep") if s else None
@@ -203,7 +233,7 @@ def build(ctx) -> dict:
     def sens_h(s, m, x, p, progress=gr.Progress()):
         return heatmap(run_sensitivity(store, s, m, x, p, progress_fn(progress)))
 
-    go_b.click(g(sweep_h), [sid, methods, patterns, points, max_s, tokens, tol, scope, log_y], [chart, info], **ctx.heavy)
+    go_b.click(g(sweep_h), {sid, *form.values()}, [chart, info], **ctx.heavy)
     stop.click(lambda s: store.cancel(s) if s else None, sid, None)
     log_y.change(g(relog), [sid, log_y], chart, show_progress="hidden")
     chart.click(picked, None, [a_method, a_pattern, a_sparsity])

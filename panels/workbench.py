@@ -22,7 +22,7 @@ from workbench.engine.analysis import influence
 from workbench.engine.errors import Cancelled, RecipeError, WorkbenchError
 from workbench.panels import blocks as bp
 from workbench.panels.chart import click_bridge_js, placeholder
-from workbench.panels.context import PanelContext
+from workbench.panels.context import PanelContext, form_values
 from workbench.panels.jobs import Job, Tracker
 from workbench.panels.summary import (  # noqa: F401  (the screen's words and variants plot, shared)
     SELECTED,
@@ -218,20 +218,19 @@ def variants_md(store, sid) -> str:
 
 
 # ---- actions ------------------------------------------------------------------------------------------
-def make_step(store, sid, mode: str, rank: int, steps: int, method: str, bits: int, group_size: int, observer: str,
-              shrink: float, sp_method: str, sparsity: float) -> dict:
+def make_step(store, sid, form: bp.ApplyForm) -> dict:
     sel, kept = store.pending_in_order(sid), store.current(sid).kept()
-    if mode == "sparsify":
-        return {"op": "sparsify", "method": sp_method, "sparsity": round(float(sparsity), 4), "pattern": "unstructured",
-                "blocks": sorted(sel) or list(kept)}
-    if mode not in MODES:
-        raise RecipeError(f"unknown mode '{mode}'")
-    return bp.step_for(mode, sel, kept, rank, steps, method, bits, group_size, observer, shrink)
+    if form.mode == "sparsify":
+        return {"op": "sparsify", "method": form.sp_method, "sparsity": round(float(form.sparsity), 4),
+                "pattern": "unstructured", "blocks": sorted(sel) or list(kept)}
+    if form.mode not in MODES:
+        raise RecipeError(f"unknown mode '{form.mode}'")
+    return form.step(sel, kept)
 
 
-def apply_job(store, sid, mode, rank, steps, method, bits, group_size, observer, shrink, sp_method, sparsity, poll=0.5):
+def apply_job(store, sid, form: bp.ApplyForm, poll=0.5):
     """Generator: yields (job line, status, cancel button, changed) while the step runs, then the result."""
-    step = make_step(store, sid, mode, rank, steps, method, bits, group_size, observer, shrink, sp_method, sparsity)
+    step = make_step(store, sid, form)
     base = store.current(sid)
     tracker = Tracker(_units(step), what=f"{step_words(step)}: starting")
     cancel = store.begin_job(sid)
@@ -350,8 +349,13 @@ def build(ctx) -> dict:
     for comp in (metric, scale):
         comp.change(redraw, [sid, metric, scale], chart, **ctx.heavy)
     clear_b.click(g(lambda s, m, sc: clear(store, s, m, sc)), [sid, metric, scale], [chart, selection, figures], **hidden)
-    inputs = [sid, mode, rank, fsteps, method, bits, group, observer, shrink, sp_method, sparsity]
-    apply_b.click(g(lambda *a: (yield from apply_job(store, *a))), inputs, [job, status, cancel_b, ctx.changed],
+    form = {"mode": mode, "rank": rank, "steps": fsteps, "method": method, "bits": bits, "group_size": group,
+            "observer": observer, "shrink": shrink, "sp_method": sp_method, "sparsity": sparsity}
+
+    def on_apply(values: dict):  # a set of inputs: one dict keyed by component
+        yield from apply_job(store, values[sid], bp.ApplyForm.parse(form_values(values, form)))
+
+    apply_b.click(g(on_apply), {sid, *form.values()}, [job, status, cancel_b, ctx.changed],
                   api_name="workbench_apply", **hidden, **ctx.heavy).then(
         lambda: gr.update(visible=False), None, cancel_b, **hidden)  # hidden again even after an error
     undo_b.click(g(lambda s: undo(store, s)), sid, [status, ctx.changed], api_name="workbench_undo", **ctx.heavy)
@@ -385,7 +389,8 @@ def open_attention(store, sid, prompt: str, damping: float, skip_first: bool):
 
     block = one_selected(store, sid)
     return (gr.Tabs(selected="attention"),
-            *attention.render(store, sid, prompt, "current variant", damping, skip_first, block, "avg"))
+            *attention.render(store, sid, attention.AttentionForm(prompt, "current variant", float(damping),
+                                                                  bool(skip_first), block, "avg")))
 
 
 def open_outliers(store, sid, score: str, progress=None):

@@ -141,7 +141,7 @@ def test_chart_values_states_and_click_toggle(store, sid):
     assert store.pending(sid) == []
 
     store.toggle(sid, 1)
-    status, token = blocks.apply(store, sid, "prune", 8, 40, "gptq", 4, 64, progress=_no_progress)
+    status, token = blocks.apply(store, sid, blocks.ApplyForm("prune", 8, 40, "gptq", 4, 64), progress=_no_progress)
     assert "v1" in status and token
     v = store.current(sid)
     bar = blocks.chart_figure(store, sid, "bi")["data"][0]
@@ -183,14 +183,14 @@ def test_suggest_selects_the_least_important_blocks(store, sid):
 def test_quantize_from_the_panel_tags_blocks(store, sid):
     store.set_calibration(sid, 2, 32)
     store.toggle(sid, 0)
-    blocks.apply(store, sid, "quantize", 8, 40, "rtn", 8, 32, progress=_no_progress)
+    blocks.apply(store, sid, blocks.ApplyForm("quantize", 8, 40, "rtn", 8, 32), progress=_no_progress)
     v = store.current(sid)
     assert v.block_state(0).startswith("quantized") and v.kept() == [0, 1, 2, 3]
     bar = blocks.chart_figure(store, sid, "bi")["data"][0]
     assert bar["marker"]["color"][0] == blocks.COLOURS["quantized"]
     store.toggle(sid, 1)  # the mode's proposed GPTQ settings reach the recorded step
-    blocks.apply(store, sid, "quantize", 8, 40, "gptq", 4, 32, blocks.DEFAULT_OBSERVER, blocks.DEFAULT_SHRINK,
-                 progress=_no_progress)
+    blocks.apply(store, sid, blocks.ApplyForm("quantize", 8, 40, "gptq", 4, 32, blocks.DEFAULT_OBSERVER,
+                                             blocks.DEFAULT_SHRINK), progress=_no_progress)
     step = store.current(sid).steps[-1]
     assert (step["observer"], step["hessian_shrink"], step["blocks"]) == ("mse", 0.4, [1])
 
@@ -198,7 +198,7 @@ def test_quantize_from_the_panel_tags_blocks(store, sid):
 def test_cancel_from_the_panel_leaves_the_variant(store, sid):
     store.set_calibration(sid, 2, 32)
     before = (store.current(sid), len(store.variants(sid)))
-    status, token = blocks.apply(store, sid, "quantize", 8, 40, "rtn", 8, 32,
+    status, token = blocks.apply(store, sid, blocks.ApplyForm("quantize", 8, 40, "rtn", 8, 32),
                                  progress=lambda *a, **k: store.cancel(sid))  # "Cancel" pressed mid-job
     assert status.startswith("Cancelled") and not isinstance(token, str)
     assert (store.current(sid), len(store.variants(sid))) == before
@@ -221,7 +221,7 @@ def test_blocks_apply_job_says_the_step_and_time_then_the_time_left(store, sid, 
     store.set_calibration(sid, 2, 32)
     for b in (0, 1):
         store.toggle(sid, b)
-    seen = list(blocks.apply_job(store, sid, "quantize", 8, 40, "rtn", 8, 32, poll=0.005))
+    seen = list(blocks.apply_job(store, sid, blocks.ApplyForm("quantize", 8, 40, "rtn", 8, 32), poll=0.005))
     lines = [y[0] for y in seen[:-1]]
     assert lines and all("elapsed" in line for line in lines)
     assert any(line.startswith("RTN block 0") and "left" not in line for line in lines)  # first block: no estimate
@@ -400,7 +400,7 @@ def test_fuse_from_the_panel_lists_plain_removal_beside_it(store, sid):
     from workbench.panels import blocks
 
     store.toggle(sid, 2)
-    status, _ = blocks.apply(store, sid, "fuse", 4, 2, "gptq", 4, 64, progress=_no_progress)
+    status, _ = blocks.apply(store, sid, blocks.ApplyForm("fuse", 4, 2, "gptq", 4, 64), progress=_no_progress)
     names = [v.name for v in store.variants(sid)]
     fused = store.current(sid)
     plain = store.variants(sid)[-1]

@@ -1,7 +1,8 @@
 """The project's import structure: no import cycle among its modules, and imports point one way,
 workbench -> panels -> engine (the engine never imports panels, workbench.* or gradio; panels never
 import workbench.*). Read from the source with `ast`, imports inside functions included: a lazy import
-still ties two modules together, it only hides the cycle until run time."""
+still ties two modules together, it only hides the cycle until run time. (`importlib.import_module` with
+a computed name, as the app uses to load its panels, is not read: keep such imports pointing downward.)"""
 
 from __future__ import annotations
 

@@ -148,3 +148,22 @@ def test_statistic_hooks_are_removed_when_the_forward_fails(tiny_lm):
         with stat.watching():
             raise RuntimeError("boom")
     assert _hook_count(lm.model) == 0
+
+
+def test_point_hooks_read_a_module_input_and_output(tiny_lm):
+    """Llama by hand: h = x + o(attn); the MLP reads post_attention_layernorm(h); out = h + mlp(that)."""
+    lm = tiny_lm("llama", layers=2)
+    trace = bs.trace_blocks(lm.model, lm.adapter, IDS)
+    block = lm.adapter.blocks(lm.model)[0]
+    lin = lm.adapter.linears(block)
+    seen = {}
+    points = {"o_out": (lin["o"], "out"), "up_in": (lin["up"], "in"), "block_out": (block, "out")}
+    x = trace.inputs[0]
+    with bs.owned_hooks(*bs.point_hooks(points, seen.__setitem__)), torch.no_grad():
+        out = bs.run_block(block, x, trace.calls[0])
+    assert _hook_count(lm.model) == 0
+    with torch.no_grad():
+        mlp_in = block.post_attention_layernorm(x + seen["o_out"])
+        torch.testing.assert_close(seen["up_in"], mlp_in, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, x + seen["o_out"] + block.mlp(mlp_in), rtol=1e-5, atol=1e-6)
+    assert torch.equal(seen["block_out"], out)

@@ -8,11 +8,25 @@ import pytest
 import torch
 
 from workbench.engine import eval as ev
+from workbench.engine import masks
 from workbench.engine.adapters import linear_weight
 from workbench.engine.analysis import sparsity as sp
 from workbench.engine.errors import RecipeError
+from workbench.engine.ops import sparsify
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
 from workbench.engine.variant import original_variant, state_fingerprint, view_model
+
+
+def self_checks():
+    """bench/self_checks.py (the GPU self-checks live with the benches, not in the library)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "self_checks.py"
+    spec = importlib.util.spec_from_file_location("self_checks", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 # ---- naive references ------------------------------------------------------------------------------
@@ -33,31 +47,31 @@ def tied_scores(shape, seed=0):
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.33, 0.5, 0.9])
 def test_layer_and_row_masks_match_naive(sparsity):
     s = tied_scores((6, 16))
-    k = sp.prune_count(sparsity, s.numel())
-    assert torch.equal(sp.layer_mask(s, sparsity).reshape(-1), naive_keep(s.reshape(-1), k))
-    kr = sp.prune_count(sparsity, 16)
+    k = masks.prune_count(sparsity, s.numel())
+    assert torch.equal(masks.layer_mask(s, sparsity).reshape(-1), naive_keep(s.reshape(-1), k))
+    kr = masks.prune_count(sparsity, 16)
     rows = torch.stack([naive_keep(s[r], kr) for r in range(6)])
-    assert torch.equal(sp.row_mask(s, sparsity), rows)
+    assert torch.equal(masks.row_mask(s, sparsity), rows)
     # thresholds computed once beforehand give the same mask
     th = s.sort(dim=1).values[:, kr - 1] if kr else None
     if th is not None:
-        assert torch.equal(sp.row_mask(s, sparsity, th), rows)
+        assert torch.equal(masks.row_mask(s, sparsity, th), rows)
 
 
 @pytest.mark.parametrize("sparsity", [0.2, 0.5, 0.75])
 def test_global_masks_match_naive(sparsity):
     parts = [tied_scores((4, 8), 1), tied_scores((3, 12), 2), tied_scores((5, 4), 3)]
     flat = torch.cat([p.reshape(-1) for p in parts])
-    ref = naive_keep(flat, sp.prune_count(sparsity, flat.numel()))
-    got = torch.cat([m.reshape(-1) for m in sp.global_masks(parts, sparsity)])
+    ref = naive_keep(flat, masks.prune_count(sparsity, flat.numel()))
+    got = torch.cat([m.reshape(-1) for m in masks.global_masks(parts, sparsity)])
     assert torch.equal(got, ref)
-    assert int((~got).sum()) == sp.prune_count(sparsity, flat.numel())
+    assert int((~got).sum()) == masks.prune_count(sparsity, flat.numel())
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
 def test_nm_mask_keeps_at_most_n_per_group(n, m):
     w = torch.randn(5, 32)
-    keep = sp.nm_mask(w.abs(), n, m)
+    keep = masks.nm_mask(w.abs(), n, m)
     pruned = w * keep
     groups = (pruned != 0).reshape(5, 32 // m, m).sum(-1)
     assert int(groups.max()) <= n and int(groups.min()) == n  # random weights: exactly n survive
@@ -71,14 +85,14 @@ def test_nm_mask_keeps_at_most_n_per_group(n, m):
 
 def test_nm_rejects_bad_width():
     with pytest.raises(RecipeError):
-        sp.nm_mask(torch.rand(2, 6), 2, 4)
+        masks.nm_mask(torch.rand(2, 6), 2, 4)
 
 
 def test_wanda_scores_formula():
     w = torch.randn(3, 5)
     x = torch.randn(7, 5)
     norm = x.pow(2).sum(0).sqrt()
-    s = sp.wanda_scores(w, norm)
+    s = masks.wanda_scores(w, norm)
     for i in range(3):
         for j in range(5):
             ref = abs(float(w[i, j])) * math.sqrt(sum(float(x[t, j]) ** 2 for t in range(7)))
@@ -90,7 +104,7 @@ def test_wanda_input_norms_match_hand_computed(tiny_lm):
     ids = torch.randint(1, 256, (3, 10), generator=torch.Generator().manual_seed(0))
     v = original_variant(lm.num_blocks)
     targets = sp.prunable_linears(lm, v)
-    norms = sp.input_norms(lm, v, targets, ids, batch=2)
+    norms = sparsify.input_norms(lm, v, targets, ids, batch=2)
     with torch.no_grad():
         layer0 = lm.model.model.layers[0]
         h = layer0.input_layernorm(lm.model.model.embed_tokens(ids))  # input of q, k and v in block 0
@@ -139,7 +153,7 @@ def test_step_changes_only_chosen_blocks_and_never_the_original(tiny_lm):
     for row in report["per_layer"]:
         mod = lm.adapter.linears(v.overrides[row["block"]])[row["module"]]
         w = linear_weight(mod)
-        assert row["zeros"] == int((w == 0).sum()) == sp.prune_count(0.5, w.numel())
+        assert row["zeros"] == int((w == 0).sum()) == masks.prune_count(0.5, w.numel())
     # embeddings, norms, LM head are the original tensors in the runnable view
     vm = view_model(lm.model, lm.adapter, v)
     assert vm.model.embed_tokens.weight is lm.model.model.embed_tokens.weight
@@ -235,7 +249,7 @@ def test_export_reload_keeps_zeros(tiny_lm, tmp_path):
 def test_default_model_layer_magnitude_hits_exact_count_despite_grid_ties(default_lm):
     v = _apply(default_lm, {"op": "sparsify", "method": "magnitude", "sparsity": 0.5, "scope": "layer", "blocks": [0]})
     for row in v.reports[-1]["per_layer"]:
-        assert row["zeros"] == sp.prune_count(0.5, row["weights"]), row
+        assert row["zeros"] == masks.prune_count(0.5, row["weights"]), row
 
 
 @pytest.mark.parametrize("scope", ["global", "layer", "row"])
@@ -251,9 +265,9 @@ def test_pruner_cached_orderings_equal_direct_masks(tiny_lm, scope):
         got = pr.masks("magnitude", s, "unstructured", scope)
         scores = [pr.scores("magnitude", t) for t in targets]
         if scope == "global":
-            ref = sp.global_masks(scores, s)
+            ref = masks.global_masks(scores, s)
         else:
-            fn = sp.layer_mask if scope == "layer" else sp.row_mask
+            fn = masks.layer_mask if scope == "layer" else masks.row_mask
             ref = [fn(sc, s) for sc in scores]
         assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
@@ -262,7 +276,7 @@ def test_sorted_kth_matches_partition():
     parts = [tied_scores((50,), 4).sort().values / 3, torch.rand(70).sort().values, torch.zeros(5)]
     flat = torch.cat(parts).sort().values
     for k in (1, 5, 6, 40, 77, 125):
-        assert sp.sorted_kth(parts, [k])[0] == float(flat[k - 1])
+        assert masks.sorted_kth(parts, [k])[0] == float(flat[k - 1])
 
 
 # ---- panel handlers, without a browser ----------------------------------------------------------------
@@ -275,7 +289,8 @@ def test_panel_sweep_pick_and_apply(tiny_lm):
     sid = store.new_session()
     store.attach(sid)
     store.set_calibration(sid, 2, 32)
-    res = panel.run_sweep(store, sid, ["magnitude", "wanda"], ["unstructured", "4:8"], points=3, eval_tokens=512)
+    res = panel.run_sweep(store, sid, panel.SweepForm(("magnitude", "wanda"), ("unstructured", "4:8"), points=3,
+                                                     eval_tokens=512))
     fig = panel.figure(res, log_y=True)
     assert fig["layout"]["yaxis"]["type"] == "log"
     curve = next(t for t in fig["data"] if t["name"].startswith("wanda ("))
@@ -307,7 +322,7 @@ def test_recompute_mode_gives_the_same_masks(tiny_lm, method, scope):
 
 @pytest.mark.gpu
 def test_gpu_masks_equal_cpu():
-    assert sp.self_check("cuda")["ok"]
+    assert self_checks().sparsity_self_check("cuda")["ok"]
 
 
 def test_cli_rejects_unknown_method_in_one_line(capsys):

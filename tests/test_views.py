@@ -330,7 +330,7 @@ def test_panel_handlers_on_a_tiny_model(tiny_lm):
     sid = store.new_session()
     store.attach(sid, lm.spec)
     store.set_calibration(sid, 2, 24)
-    grid, hmap, bars, info, _, _ = pa.render(store, sid, "ab. " * 200, "current variant", 0.85, False, 2, "1")
+    grid, hmap, bars, info, _, _ = pa.render(store, sid, pa.AttentionForm("ab. " * 200, "current variant", 0.85, False, 2, "1"))
     assert "cropped from 800 to its last 512" in info
     assert "pooled to 16x16" in grid.layout.title.text  # 512-token maps reach the browser pooled
     assert len(hmap.data[0].z) == pa.HEAD_TOKENS and "last 128 of 512" in hmap.layout.title.text

@@ -11,6 +11,7 @@ import pytest
 from workbench.engine import eval as ev
 from workbench.engine.errors import Cancelled
 from workbench.engine.pareto import pareto_front
+from workbench.panels import blocks as bp
 from workbench.panels import workbench as wb
 from workbench.store import Store
 
@@ -42,7 +43,7 @@ def run(gen):
 
 
 def apply(store, sid, mode, **kw):
-    return run(wb.apply_job(store, sid, mode, **{**APPLY, **kw}, poll=0.01))
+    return run(wb.apply_job(store, sid, bp.ApplyForm(mode, **{**APPLY, **kw}), poll=0.01))
 
 
 def test_scale_clips_the_tallest_bar_and_labels_it():
@@ -76,8 +77,6 @@ def test_clipped_chart_labels_the_clipped_bar_with_its_real_value(store, sid):
 
 
 def test_a_fused_block_keeps_its_mark_when_quantized_and_sparsified(store, sid, monkeypatch):
-    from workbench.panels import blocks as bp
-
     monkeypatch.setitem(bp.FUSE_DEFAULTS, "guard_samples", 0)  # keep the fusion whatever it measures
     store.toggle(sid, 1)
     apply(store, sid, "fuse")
@@ -144,7 +143,7 @@ def test_apply_speaks_plain_words_and_names_variants_in_order(store, sid):
 
 def test_apply_job_reports_progress_and_a_cancel_leaves_the_variant(store, sid, monkeypatch):
     store.toggle(sid, 1)
-    seen = list(wb.apply_job(store, sid, "quantize", **APPLY, poll=0.0005))
+    seen = list(wb.apply_job(store, sid, bp.ApplyForm("quantize", **APPLY), poll=0.0005))
     assert seen[-1][1].startswith("Quantized 1 block to 4-bit RTN")
     assert all(y[2]["visible"] for y in seen[:-1]) and seen[-1][2]["visible"] is False
     before = store.current(sid)
@@ -236,7 +235,7 @@ def test_an_analysis_opens_from_the_selected_block(store, sid):
 
     tab, grid, hmap, bars, info, block, head = wb.open_attention(store, sid, attention.DEFAULT_PROMPT, 0.85, False)
     assert tab.selected == "attention" and block["value"] == 3 and head["value"] == "avg"
-    want = attention.render(store, sid, attention.DEFAULT_PROMPT, "current variant", 0.85, False, 3, "avg")
+    want = attention.render(store, sid, attention.AttentionForm(attention.DEFAULT_PROMPT, "current variant", 0.85, False, 3, "avg"))
     assert info == want[3] and bars.to_plotly_json()["data"][0]["y"] == want[2].to_plotly_json()["data"][0]["y"]
     assert "block 3" in bars.layout.title.text  # the PageRank of the selected block, not block 0's
 

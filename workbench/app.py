@@ -32,7 +32,10 @@ runs the model (an analysis, a generation) must hold it, `with ctx.store.using(s
 store's own methods (apply_step, quick, scores, full_eval, export, ...) already do.
 
 Handlers are plain functions with typed parameters that tests call without a browser; long work takes
-`progress=gr.Progress()` and yields. Keep panel files short. Block indices shown are always the
+`progress=gr.Progress()` and yields. A handler with many settings takes one frozen form dataclass
+(`blocks.ApplyForm`, `sparsity.SweepForm`, `attention.AttentionForm`): its event lists the inputs as a
+set, Gradio passes one dict keyed by component, and the form's `parse` checks each field (helpers in
+`panels/context.py`). Keep panel files short. Block indices shown are always the
 original model's 0-based indices.
 
 To add a panel: create `panels/<name>.py` and add `"<name>"` to `PANELS` (a one-line edit).

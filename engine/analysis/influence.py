@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import BlockIndexError, Cancelled, UnsupportedArchitecture, WorkbenchError
-from ..hooks import BlockCall, map_call, run_block, trace_blocks
+from ..block_stream import BlockCall, map_call, run_block, trace_blocks
 from ..loading import LoadedModel
 from ..variant import Variant, block_modules, view_model
 from . import influence_math as im

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import WorkbenchError
-from ..block_stream import check_cancel, forward_base, isolated_view, owned_hooks, view_blocks
+from ..block_stream import check_cancel, forward_base, isolated_view, owned_hooks, point_hooks, view_blocks
 from ..loading import LoadedModel
 from ..variant import Variant
 from .attention import attention_probs_of
@@ -166,12 +166,10 @@ def calibration_pass(
     handles = []
     for i, blk in pairs:
         if modules:
-            for name, (mod, where) in module_points(lm, blk).items():
-                a = acc.setdefault((i, name), _Acc([], []))
-                if where == "in":
-                    handles.append(mod.register_forward_pre_hook(lambda m, args, a=a: a.add(args[0])))
-                else:
-                    handles.append(mod.register_forward_hook(lambda m, args, out, a=a: a.add(_first(out))))
+            points = {(i, name): p for name, p in module_points(lm, blk).items()}
+            for key in points:
+                acc.setdefault(key, _Acc([], []))
+            handles += point_hooks(points, lambda key, x: acc[key].add(x))
         if attention:
             def att_hook(m, args, out, i=i):
                 probs = attention_probs_of(out)

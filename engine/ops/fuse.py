@@ -31,6 +31,7 @@ from torch import nn
 
 from ..adapters import get_path, linear_weight, set_linear_weight
 from ..data import Calibration, calibration_ids
+from .. import fields
 from ..errors import BlockIndexError, RecipeError
 from ..block_stream import Stream, run_block, slice_call, trace_blocks
 from ..recipe import OpContext, Step, register
@@ -77,12 +78,6 @@ def lr_factor(t: int, steps: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / max(1, steps - warmup)))
 
 
-def _int_tuple(value, name: str) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(b, int) and not isinstance(b, bool) for b in value):
-        raise RecipeError(f"step 'fuse_blocks': '{name}' must be a list of block indices, got {value!r}")
-    return tuple(value)
-
-
 # ---- the step -------------------------------------------------------------------------------------
 @register
 @dataclass(frozen=True)
@@ -117,17 +112,13 @@ class FuseBlocks(Step):
     guard_samples: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "blocks", _int_tuple(self.blocks, "blocks"))
+        object.__setattr__(self, "blocks", fields.block_list(self.blocks, "blocks", self.op))
         ints = {"k": 0, "group": 1, "rank": 1, "lora_rank": 0, "steps": 0, "samples": 1, "seq_len": 2,
                 "batch": 1, "patience": 0, "mi_samples": 1, "seed": 0, "warmup": 0, "guard_samples": 0}
         for name, low in ints.items():
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise RecipeError(f"step 'fuse_blocks': '{name}' must be an integer >= {low}, got {v!r}")
+            fields.integer(getattr(self, name), name, self.op, low)
         for name in ("lr", "lr_other"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or math.isinf(v):
-                raise RecipeError(f"step 'fuse_blocks': '{name}' must be a non-negative number, got {v!r}")
+            fields.number(getattr(self, name), name, self.op)
         if bool(self.blocks) == bool(self.k):
             raise RecipeError("step 'fuse_blocks': give either 'blocks' (a list) or 'k' (how many), not both or neither")
         if len(set(self.blocks)) != len(self.blocks):
@@ -139,192 +130,200 @@ class FuseBlocks(Step):
         if self.loss not in LOSSES:
             raise RecipeError(f"step 'fuse_blocks': 'loss' must be one of {LOSSES}, got {self.loss!r}")
 
-    # ---- driver -----------------------------------------------------------------------------------
     def apply(self, ctx: OpContext, variant: Variant):
-        lm = ctx.lm
-        n = len(self.blocks) or self.k
-        kept = variant.kept()
-        if getattr(lm.adapter, "is_moe", False):
-            raise RecipeError(
-                f"step 'fuse_blocks': {lm.adapter.family} blocks are mixtures of experts, which fusion does not "
-                "handle yet (their experts are 3-D tensors routed per token); prune or quantize them instead"
-            )
-        if self.blocks:
-            variant.check_indices(self.blocks)
-            gone = [b for b in self.blocks if b not in kept]
-            if gone:
-                raise BlockIndexError(f"step 'fuse_blocks': block {gone[0]} is already dropped in '{variant.name}'")
-        if n >= len(kept):
-            raise BlockIndexError(f"step 'fuse_blocks': cannot fuse {n} of the {len(kept)} blocks kept; keep at least one")
-        t0 = time.perf_counter()
-        calib = Calibration(source=ctx.calibration.source, samples=self.samples, seq_len=self.seq_len,
-                            seed=ctx.calibration.seed, bos=ctx.calibration.bos)
-        ids = calibration_ids(lm.tokenizer, calib).to(lm.device)
-        trace = trace_blocks(lm.model, lm.adapter, ids)  # h_0 and every block's call arguments
-        stream = Stream(lm, trace, cancel=ctx.cancel)  # the current variant's input of each group
-        guard = _OutputGuard(lm, Calibration(source=calib.source, samples=self.guard_samples, seq_len=self.seq_len,
-                                             seed=calib.seed + 1)) if self.guard_samples else None
-        cur = variant.derive(f"{variant.name}+fused")
-        order, per_block = [], []
-        for t in range(n):
-            base = t / n
-            if self.blocks:
-                b, mi = self.blocks[t], None
+        return fuse_blocks(ctx, variant, self)
+
+
+# ---- the driver -----------------------------------------------------------------------------------
+def fuse_blocks(ctx: OpContext, variant: Variant, step: FuseBlocks):
+    """Run one `FuseBlocks` step on `variant` (never modified). -> (new variant, report, resolved step)."""
+    lm = ctx.lm
+    n = len(step.blocks) or step.k
+    kept = variant.kept()
+    if getattr(lm.adapter, "is_moe", False):
+        raise RecipeError(
+            f"step 'fuse_blocks': {lm.adapter.family} blocks are mixtures of experts, which fusion does not "
+            "handle yet (their experts are 3-D tensors routed per token); prune or quantize them instead"
+        )
+    if step.blocks:
+        variant.check_indices(step.blocks)
+        gone = [b for b in step.blocks if b not in kept]
+        if gone:
+            raise BlockIndexError(f"step 'fuse_blocks': block {gone[0]} is already dropped in '{variant.name}'")
+    if n >= len(kept):
+        raise BlockIndexError(f"step 'fuse_blocks': cannot fuse {n} of the {len(kept)} blocks kept; keep at least one")
+    t0 = time.perf_counter()
+    calib = Calibration(source=ctx.calibration.source, samples=step.samples, seq_len=step.seq_len,
+                        seed=ctx.calibration.seed, bos=ctx.calibration.bos)
+    ids = calibration_ids(lm.tokenizer, calib).to(lm.device)
+    trace = trace_blocks(lm.model, lm.adapter, ids)  # h_0 and every block's call arguments
+    stream = Stream(lm, trace, cancel=ctx.cancel)  # the current variant's input of each group
+    guard = _OutputGuard(lm, Calibration(source=calib.source, samples=step.guard_samples, seq_len=step.seq_len,
+                                         seed=calib.seed + 1)) if step.guard_samples else None
+    cur = variant.derive(f"{variant.name}+fused")
+    order, per_block = [], []
+    for t in range(n):
+        base = t / n
+        if step.blocks:
+            b, mi = step.blocks[t], None
+        else:
+            ctx.report(base, f"fuse {t + 1}/{n}: Macro Influence of {len(cur.kept())} blocks")
+            b, mi = _lowest_mi(step, ctx, cur, ids[: step.mi_samples], base, 1 / n)
+        cur, rep = _fuse_one(step, ctx, cur, b, trace, stream, guard, base, 1 / n, f"fuse {t + 1}/{n}")
+        rep["mi"] = mi
+        order.append(b)
+        per_block.append(rep)
+    ctx.report(1.0, f"fused {order}")
+    report = {
+        "op": step.op,
+        "blocks": order,
+        "blocks_before": len(kept),
+        "blocks_after": len(cur.kept()),
+        "per_block": per_block,
+        "seconds": time.perf_counter() - t0,
+        "tokens": int(ids.numel()),
+    }
+    resolved = step.to_dict()
+    resolved.update(blocks=order, k=0)
+    return cur, report, resolved
+
+
+def _lowest_mi(step: FuseBlocks, ctx: OpContext, variant: Variant, ids, base: float, span: float) -> tuple[int, float]:
+    from ..analysis.influence import block_scores
+
+    def prog(frac, msg):
+        ctx.report(base + 0.2 * span * frac, f"Macro Influence: {msg}")
+
+    res = block_scores(ctx.lm, variant, ids, metric="mi", progress=prog, cancel=ctx.cancel)
+    vals = [(v, i) for i, v in enumerate(res["values"]) if v is not None]
+    v, i = min(vals) if res.get("higher_is_more_important", True) else max(vals)
+    return i, float(v)
+
+
+def _fuse_one(step: FuseBlocks, ctx: OpContext, variant: Variant, b: int, trace, stream: Stream, guard, base: float,
+              span: float, label: str):
+    lm = ctx.lm
+    t0 = time.perf_counter()
+    kept = variant.kept()
+    group, neighbours = neighbour_window(kept, b, step.group)
+    if not neighbours:
+        raise BlockIndexError(f"step 'fuse_blocks': block {b} has no neighbour left to fuse into")
+    ends_last = group[-1] == kept[-1]
+    auto = {"auto": "mse", "auto_nmse": "nmse"}
+    kind = (("kl" if ends_last and lm.adapter.lm_head(lm.model) else auto[step.loss]) if step.loss in auto
+            else step.loss)
+    if kind == "kl" and not ends_last:
+        raise RecipeError("step 'fuse_blocks': loss 'kl' needs a group that ends at the last block")
+    x = stream.input_of(variant, group[0])  # (N, T, d) what the current variant feeds the group
+    calls = {i: trace.calls[i] for i in group}
+    pruned = current_block(lm.model, lm.adapter, variant, b)
+    with torch.no_grad():
+        teacher = x
+        for i in group:
+            teacher = run_block(current_block(lm.model, lm.adapter, variant, i), teacher, calls[i])
+    gen = torch.Generator().manual_seed(step.seed * 1_000_003 + b)
+    students = [
+        (j, inject_block(lm.adapter, current_block(lm.model, lm.adapter, variant, j), pruned, step.coef,
+                         step.rank, step.lora_rank, step.train_norms, gen))
+        for j in neighbours
+    ]
+    head = (lambda h: lm.adapter.head(lm.model, h)) if kind == "kl" else None
+
+    n_rows = x.shape[0]
+
+    def forward(rows: slice) -> torch.Tensor:
+        h = x[rows]
+        with _autocast(lm.device, step.dtype):
+            for j, blk in students:
+                h = run_block(blk, h, slice_call(calls[j], rows, n_rows))
+        return group_loss(h, teacher[rows], kind, head)
+
+    coef = [p for _, blk in students for m in blk.modules() if isinstance(m, FuseLinear) for p in m.coef_parameters()]
+    other = [p for _, blk in students for p in blk.parameters() if p.requires_grad and not any(p is c for c in coef)]
+    history = _train(step, ctx, forward, coef, other, x.shape[0], base, span, f"{label}: block {b}")
+    loss_end = history["loss_end"]
+    stream.changed_from(group[0])
+    new = variant.derive(variant.name)
+    new.overrides[b] = DROP
+    new.tags.pop(b, None)
+    for j, blk in students:
+        new.overrides[j] = merge_block(lm.adapter, blk)
+        new.tags[j] = "fused"
+    guarded = None
+    if guard is not None:
+        removal = variant.with_dropped([b], name=variant.name)
+        kl_fused, kl_removal = guard.kl(new), guard.kl(removal)
+        guarded = {"kl_fused": kl_fused, "kl_removal": kl_removal, "tokens": guard.tokens,
+                   "kept": "fused" if kl_fused < kl_removal else "removal"}
+        if guarded["kept"] == "removal":
+            new = removal
+    return new, {
+        "block": b,
+        "group": group,
+        "neighbours": neighbours,
+        "loss": kind,
+        "loss_start": history["loss_start"],
+        "loss_end": loss_end,
+        "steps_run": history["steps_run"],
+        "history": history["history"],
+        "guard": guarded,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _train(step: FuseBlocks, ctx: OpContext, forward, coef, other, n_rows: int, base: float, span: float, label: str) -> dict:
+    """Adam (betas 0.9/0.95 as FuseGPT), warm-up + cosine schedule, over minibatches of rows; early stop when
+    the loss averaged over one pass of the data has not improved by 0.1 % for `patience` steps."""
+    groups = [{"params": coef, "lr": step.lr}]
+    if other:
+        groups.append({"params": other, "lr": step.lr_other})
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.95), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, step.steps, step.warmup))
+    batch = min(step.batch, n_rows)
+    starts = list(range(0, n_rows - batch + 1, batch)) or [0]
+    window: list[float] = []
+    best, since = math.inf, 0
+    history: list[list[float]] = []
+    t_train = base + 0.2 * span if not step.blocks else base
+    params = coef + other
+    with torch.no_grad():
+        loss_start = float(forward(slice(None)))
+    history.append([0, loss_start])
+    ctx.report(t_train, f"{label}: step 0/{step.steps} loss {loss_start:.4g}")
+    # The best state seen (by the loss over one pass of the data, measured before each update);
+    # Adam at a high rate can overshoot on some groups, and a fusion must never end worse than removal.
+    kept_state, kept_loss = [p.detach().clone() for p in params], loss_start
+    it = 0
+    for it in range(1, step.steps + 1):
+        s = starts[(it - 1) % len(starts)]
+        snapshot = [p.detach().clone() for p in params] if len(starts) == 1 else None
+        loss = forward(slice(s, s + batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        value = float(loss.detach())
+        if snapshot is not None and value < kept_loss:  # full batch: exact loss of `snapshot`
+            kept_state, kept_loss = snapshot, value
+        opt.step()
+        sched.step()
+        history.append([it, value])
+        frac = t_train + (base + span - t_train) * it / max(1, step.steps)
+        ctx.report(min(frac, base + span), f"{label}: step {it}/{step.steps} loss {value:.4g}")
+        window = (window + [value])[-len(starts):]
+        if it >= len(starts):
+            smooth = sum(window) / len(window)
+            if smooth < best * (1 - 1e-3):
+                best, since = smooth, 0
             else:
-                ctx.report(base, f"fuse {t + 1}/{n}: Macro Influence of {len(cur.kept())} blocks")
-                b, mi = self._lowest_mi(ctx, cur, ids[: self.mi_samples], base, 1 / n)
-            cur, rep = self._fuse_one(ctx, cur, b, trace, stream, guard, base, 1 / n, f"fuse {t + 1}/{n}")
-            rep["mi"] = mi
-            order.append(b)
-            per_block.append(rep)
-        ctx.report(1.0, f"fused {order}")
-        report = {
-            "op": self.op,
-            "blocks": order,
-            "blocks_before": len(kept),
-            "blocks_after": len(cur.kept()),
-            "per_block": per_block,
-            "seconds": time.perf_counter() - t0,
-            "tokens": int(ids.numel()),
-        }
-        resolved = self.to_dict()
-        resolved.update(blocks=order, k=0)
-        return cur, report, resolved
-
-    def _lowest_mi(self, ctx: OpContext, variant: Variant, ids, base: float, span: float) -> tuple[int, float]:
-        from ..analysis.influence import block_scores
-
-        def prog(frac, msg):
-            ctx.report(base + 0.2 * span * frac, f"Macro Influence: {msg}")
-
-        res = block_scores(ctx.lm, variant, ids, metric="mi", progress=prog, cancel=ctx.cancel)
-        vals = [(v, i) for i, v in enumerate(res["values"]) if v is not None]
-        v, i = min(vals) if res.get("higher_is_more_important", True) else max(vals)
-        return i, float(v)
-
-    def _fuse_one(self, ctx: OpContext, variant: Variant, b: int, trace, stream: Stream, guard, base: float,
-                  span: float, label: str):
-        lm = ctx.lm
-        t0 = time.perf_counter()
-        kept = variant.kept()
-        group, neighbours = neighbour_window(kept, b, self.group)
-        if not neighbours:
-            raise BlockIndexError(f"step 'fuse_blocks': block {b} has no neighbour left to fuse into")
-        ends_last = group[-1] == kept[-1]
-        auto = {"auto": "mse", "auto_nmse": "nmse"}
-        kind = (("kl" if ends_last and lm.adapter.lm_head(lm.model) else auto[self.loss]) if self.loss in auto
-                else self.loss)
-        if kind == "kl" and not ends_last:
-            raise RecipeError("step 'fuse_blocks': loss 'kl' needs a group that ends at the last block")
-        x = stream.input_of(variant, group[0])  # (N, T, d) what the current variant feeds the group
-        calls = {i: trace.calls[i] for i in group}
-        pruned = current_block(lm.model, lm.adapter, variant, b)
-        with torch.no_grad():
-            teacher = x
-            for i in group:
-                teacher = run_block(current_block(lm.model, lm.adapter, variant, i), teacher, calls[i])
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
-        students = [
-            (j, inject_block(lm.adapter, current_block(lm.model, lm.adapter, variant, j), pruned, self.coef,
-                             self.rank, self.lora_rank, self.train_norms, gen))
-            for j in neighbours
-        ]
-        head = (lambda h: lm.adapter.head(lm.model, h)) if kind == "kl" else None
-
-        n_rows = x.shape[0]
-
-        def forward(rows: slice) -> torch.Tensor:
-            h = x[rows]
-            with _autocast(lm.device, self.dtype):
-                for j, blk in students:
-                    h = run_block(blk, h, slice_call(calls[j], rows, n_rows))
-            return group_loss(h, teacher[rows], kind, head)
-
-        coef = [p for _, blk in students for m in blk.modules() if isinstance(m, FuseLinear) for p in m.coef_parameters()]
-        other = [p for _, blk in students for p in blk.parameters() if p.requires_grad and not any(p is c for c in coef)]
-        history = self._train(ctx, forward, coef, other, x.shape[0], base, span, f"{label}: block {b}")
-        loss_end = history["loss_end"]
-        stream.changed_from(group[0])
-        new = variant.derive(variant.name)
-        new.overrides[b] = DROP
-        new.tags.pop(b, None)
-        for j, blk in students:
-            new.overrides[j] = merge_block(lm.adapter, blk)
-            new.tags[j] = "fused"
-        guarded = None
-        if guard is not None:
-            removal = variant.with_dropped([b], name=variant.name)
-            kl_fused, kl_removal = guard.kl(new), guard.kl(removal)
-            guarded = {"kl_fused": kl_fused, "kl_removal": kl_removal, "tokens": guard.tokens,
-                       "kept": "fused" if kl_fused < kl_removal else "removal"}
-            if guarded["kept"] == "removal":
-                new = removal
-        return new, {
-            "block": b,
-            "group": group,
-            "neighbours": neighbours,
-            "loss": kind,
-            "loss_start": history["loss_start"],
-            "loss_end": loss_end,
-            "steps_run": history["steps_run"],
-            "history": history["history"],
-            "guard": guarded,
-            "seconds": time.perf_counter() - t0,
-        }
-
-    def _train(self, ctx: OpContext, forward, coef, other, n_rows: int, base: float, span: float, label: str) -> dict:
-        """Adam (betas 0.9/0.95 as FuseGPT), warm-up + cosine schedule, over minibatches of rows; early stop when
-        the loss averaged over one pass of the data has not improved by 0.1 % for `patience` steps."""
-        groups = [{"params": coef, "lr": self.lr}]
-        if other:
-            groups.append({"params": other, "lr": self.lr_other})
-        opt = torch.optim.Adam(groups, betas=(0.9, 0.95), eps=1e-8)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, self.steps, self.warmup))
-        batch = min(self.batch, n_rows)
-        starts = list(range(0, n_rows - batch + 1, batch)) or [0]
-        window: list[float] = []
-        best, since = math.inf, 0
-        history: list[list[float]] = []
-        t_train = base + 0.2 * span if not self.blocks else base
-        params = coef + other
-        with torch.no_grad():
-            loss_start = float(forward(slice(None)))
-        history.append([0, loss_start])
-        ctx.report(t_train, f"{label}: step 0/{self.steps} loss {loss_start:.4g}")
-        # The best state seen (by the loss over one pass of the data, measured before each update);
-        # Adam at a high rate can overshoot on some groups, and a fusion must never end worse than removal.
-        kept_state, kept_loss = [p.detach().clone() for p in params], loss_start
-        step = 0
-        for step in range(1, self.steps + 1):
-            s = starts[(step - 1) % len(starts)]
-            snapshot = [p.detach().clone() for p in params] if len(starts) == 1 else None
-            loss = forward(slice(s, s + batch))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            value = float(loss.detach())
-            if snapshot is not None and value < kept_loss:  # full batch: exact loss of `snapshot`
-                kept_state, kept_loss = snapshot, value
-            opt.step()
-            sched.step()
-            history.append([step, value])
-            frac = t_train + (base + span - t_train) * step / max(1, self.steps)
-            ctx.report(min(frac, base + span), f"{label}: step {step}/{self.steps} loss {value:.4g}")
-            window = (window + [value])[-len(starts):]
-            if step >= len(starts):
-                smooth = sum(window) / len(window)
-                if smooth < best * (1 - 1e-3):
-                    best, since = smooth, 0
-                else:
-                    since += 1
-                if self.patience and since >= self.patience:
-                    break
-        with torch.no_grad():
+                since += 1
+            if step.patience and since >= step.patience:
+                break
+    with torch.no_grad():
+        final = float(forward(slice(None)))
+        if final > kept_loss:  # the last update overshot: go back to the best state measured
+            for p, v in zip(params, kept_state):
+                p.copy_(v)
             final = float(forward(slice(None)))
-            if final > kept_loss:  # the last update overshot: go back to the best state measured
-                for p, v in zip(params, kept_state):
-                    p.copy_(v)
-                final = float(forward(slice(None)))
-        return {"loss_start": loss_start, "loss_end": final, "history": history, "steps_run": step}
+    return {"loss_start": loss_start, "loss_end": final, "history": history, "steps_run": it}
 
 
 class _OutputGuard:
@@ -403,50 +402,3 @@ def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
 def _autocast(device: torch.device, dtype: str):
     target = DTYPES[dtype]
     return torch.autocast(device_type=device.type, dtype=target, enabled=target is not None)
-
-
-def gpu_self_check(device: str = "cuda") -> dict:
-    """For the lead on a GPU machine: fuse one block of a tiny random Llama in fp32 and in bf16 autocast
-    on `device`; both must lower the group loss by at least 10 % and give finite logits after the merge,
-    with the merged weights on the device. -> {"ok", "fp32": (start, end), "bf16": (start, end), ...}."""
-    import transformers as tf
-
-    from ..loading import wrap_model
-    from ..recipe import OpContext
-    from ..variant import original_variant
-
-    class _Bytes:  # the calibration text as bytes: no tokenizer download
-        def __call__(self, text, add_special_tokens=True, return_tensors=None):
-            ids = list(text.encode("utf-8"))
-            return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
-
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = tf.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.mul_(8.0)
-    lm = wrap_model(model, _Bytes(), device=torch.device(device))
-    ctx = OpContext(lm=lm, calibration=Calibration(samples=8, seq_len=64))
-    out: dict = {"device": str(lm.device)}
-    ok = True
-    for dtype in ("fp32", "bf16"):
-        step = FuseBlocks(blocks=[2], group=4, steps=30, samples=8, seq_len=64, batch=4, lr=3e-2, loss="mse",
-                          patience=0, dtype=dtype)
-        v, rep, _ = step.apply(ctx, original_variant(6))
-        r = rep["per_block"][0]
-        out[dtype] = (r["loss_start"], r["loss_end"])
-        ok &= r["loss_end"] < 0.9 * r["loss_start"]
-        ids = calibration_ids(lm.tokenizer, ctx.calibration).to(lm.device)
-        with torch.no_grad():
-            logits = view_model(lm.model, lm.adapter, v)(input_ids=ids, use_cache=False).logits
-        ok &= bool(torch.isfinite(logits).all())
-        on = next(v.overrides[1].parameters()).device
-        out[f"{dtype}_weights_on"] = str(on)
-        ok &= on.type == lm.device.type
-    out["ok"] = bool(ok)
-    out["seconds"] = time.perf_counter() - t0
-    return out

@@ -17,7 +17,8 @@ Sequential calibration (the order of IST-DASLab/gptq, arXiv 2210.17323): the cal
 once; the hidden state is carried through the variant's blocks in order; each chosen block is copied,
 the Hessians H = X X^T / N of its linears are collected in one pass (linears reading the same tensor,
 q/k/v and gate/up, share one Hessian), every linear is solved, and the quantized block is re-run so its
-output feeds the next block. The solver lives in `gptq.py`; this module owns hooks, devices and swaps.
+output feeds the next block. The solver lives in `gptq.py`, the carrier (`Stream`) and the Hessian
+hooks (`HessianStats`) in `block_stream.py`; this module owns devices and swaps.
 
 A quantized block is a replacement module holding the dequantized weights (so every comparison runs at
 once, on any device). Each quantized linear carries `workbench_quant` (integer codes, scales, zero
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from ..adapters import linear_weight, set_linear_weight
+from .. import fields
 from ..errors import RecipeError
 from ..block_stream import BlockCall, HessianStats, Stream, owned_hooks, run_chunked, trace_blocks
 from ..recipe import OpContext, Step, register
@@ -114,30 +116,20 @@ class Quantize(Step):
             raise RecipeError(f"step 'quantize': 'bits' must be 2, 3, 4 or 8, got {self.bits!r}")
         if self.group_size not in (-1, 32, 64, 128) or isinstance(self.group_size, bool):
             raise RecipeError(f"step 'quantize': 'group_size' must be -1, 32, 64 or 128, got {self.group_size!r}")
-        if not isinstance(self.sym, bool):
-            raise RecipeError(f"step 'quantize': 'sym' must be true or false, got {self.sym!r}")
+        fields.boolean(self.sym, "sym", self.op)
         if self.act_order not in solver.ACT_ORDERS:
             raise RecipeError(
                 f"step 'quantize': 'act_order' must be one of static, weight, group, null or auto, got {self.act_order!r}"
             )
         if self.method == "rtn" and self.act_order is not None:
             raise RecipeError("step 'quantize': 'act_order' applies to method 'gptq' only (RTN has no column order)")
-        if isinstance(self.hessian_shrink, bool) or not isinstance(self.hessian_shrink, (int, float)) \
-                or not 0 <= self.hessian_shrink <= 1:
-            raise RecipeError(f"step 'quantize': 'hessian_shrink' must be a number in [0, 1], got {self.hessian_shrink!r}")
-        if not isinstance(self.true_sequential, bool):
-            raise RecipeError(f"step 'quantize': 'true_sequential' must be true or false, got {self.true_sequential!r}")
-        if not isinstance(self.error_report, bool):
-            raise RecipeError(f"step 'quantize': 'error_report' must be true or false, got {self.error_report!r}")
+        fields.number(self.hessian_shrink, "hessian_shrink", self.op, 0, 1)
+        fields.boolean(self.true_sequential, "true_sequential", self.op)
+        fields.boolean(self.error_report, "error_report", self.op)
         if self.observer not in solver.OBSERVERS:
             raise RecipeError(f"step 'quantize': 'observer' must be one of {', '.join(solver.OBSERVERS)}, got {self.observer!r}")
-        if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not 0 <= self.damp < 1:
-            raise RecipeError(f"step 'quantize': 'damp' must be a number in [0, 1), got {self.damp!r}")
-        if not isinstance(self.blocks, (list, tuple)) or not all(
-            isinstance(b, int) and not isinstance(b, bool) for b in self.blocks
-        ):
-            raise RecipeError(f"step 'quantize': 'blocks' must be a list of block indices, got {self.blocks!r}")
-        object.__setattr__(self, "blocks", tuple(self.blocks))
+        fields.number(self.damp, "damp", self.op, 0, 1, high_open=True)
+        object.__setattr__(self, "blocks", fields.block_list(self.blocks, "blocks", self.op))
 
     def scheme(self) -> solver.Scheme:
         return solver.Scheme(bits=self.bits, group_size=self.group_size, sym=self.sym,
@@ -145,24 +137,29 @@ class Quantize(Step):
                              shrink=float(self.hessian_shrink), gguf=self.gguf)
 
     def apply(self, ctx: OpContext, variant: Variant):
-        blocks = sorted(set(self.blocks)) if self.blocks else variant.kept()
-        variant.check_indices(blocks)
-        dropped = [b for b in blocks if variant.overrides.get(b) is DROP]
-        if dropped:
-            raise RecipeError(f"step 'quantize': block {dropped[0]} is dropped in this variant; it cannot be quantized")
-        if self.method == "rtn" and not self.error_report:
-            new, report = rtn_blocks(ctx, variant, blocks, self.scheme())
-        else:
-            new, report = quantize_blocks(ctx, variant, blocks, self.scheme(), self.method,
-                                          true_sequential=self.true_sequential)
-        resolved = self.to_dict()
-        resolved["blocks"] = blocks
-        if self.gguf is None:
-            resolved.pop("gguf")  # recipes without GGUF schemes read as they did before the field existed
-        return new, report, resolved
+        return quantize(ctx, variant, self)
 
 
 # ---- the driver ---------------------------------------------------------------------------------------
+def quantize(ctx: OpContext, variant: Variant, step: Quantize):
+    """Run one `Quantize` step on `variant` (never modified). -> (new variant, report, resolved step)."""
+    blocks = sorted(set(step.blocks)) if step.blocks else variant.kept()
+    variant.check_indices(blocks)
+    dropped = [b for b in blocks if variant.overrides.get(b) is DROP]
+    if dropped:
+        raise RecipeError(f"step 'quantize': block {dropped[0]} is dropped in this variant; it cannot be quantized")
+    if step.method == "rtn" and not step.error_report:
+        new, report = rtn_blocks(ctx, variant, blocks, step.scheme())
+    else:
+        new, report = quantize_blocks(ctx, variant, blocks, step.scheme(), step.method,
+                                      true_sequential=step.true_sequential)
+    resolved = step.to_dict()
+    resolved["blocks"] = blocks
+    if step.gguf is None:
+        resolved.pop("gguf")  # recipes without GGUF schemes read as they did before the field existed
+    return new, report, resolved
+
+
 def check_group_size(lm, variant: Variant, blocks: list[int], scheme: solver.Scheme) -> None:
     """A group size must tile every chosen linear's input width: a clear error, never a wrong shape."""
     if scheme.group_size == -1:
