@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from workbench.engine import data
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine.data import Calibration
 from workbench.engine.export import export_any
 from workbench.engine.loading import load_model

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine.data import Calibration
 from workbench.engine.loading import load_model
 from workbench.engine.ops.fuse import FuseBlocks

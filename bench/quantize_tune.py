@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 from workbench.engine.data import Calibration, calibration_ids
-from workbench.engine.eval import perplexity
+from workbench.engine.evaluate import perplexity
 from workbench.engine.loading import load_model
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
 from workbench.engine.variant import original_variant, view_model

@@ -93,7 +93,7 @@ def measure(folder: Path, jobs: list[str], offload: bool) -> dict:
     """Run the jobs on the checkpoint in this process; -> figures (child process)."""
     import torch
 
-    from workbench.engine import eval as ev
+    from workbench.engine import evaluate as ev
     from workbench.engine import plan as P
     from workbench.engine.analysis import influence
     from workbench.engine.data import Calibration, calibration_ids

@@ -14,15 +14,13 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from . import eval as ev
-from .data import Calibration, calibration_ids
+from . import evaluate as ev
+from .data import Calibration, calibration_ids_on
 from .errors import WorkbenchError
 from .loading import LoadedModel
 from .recipe import OpContext, Recipe, apply_steps, step_from_dict, variant_recipe
 from .results import ResultCache, variant_key
-from .variant import (  # noqa: F401  (the names this module held before engine/variant.py)
-    DROP, Variant, block_modules, copy_block, current_block, original_variant, state_fingerprint, view_model,
-)
+from .variant import DROP, Variant, original_variant
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +96,7 @@ class Workspace:
         """The calibration windows (on the model's device), built once per calibration."""
         c = calibration or self.calibration
         return self.shared.get_or_compute(
-            None, "calibration_ids", c, lambda: calibration_ids(self.lm.tokenizer, c).to(self.lm.device), pinned=True)
+            None, "calibration_ids", c, lambda: calibration_ids_on(self.lm, c), pinned=True)
 
     # ---- variants -------------------------------------------------------------------------------
     def find(self, variant_id: int) -> Variant:

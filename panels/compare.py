@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine.errors import Cancelled
 from workbench.panels.context import PanelContext, progress_fn
 from workbench.panels.summary import describe_steps, plot_of, variants_figure

@@ -67,7 +67,7 @@ def norms_figure(stats: dict) -> go.Figure:
 
 def summary_text(stats: dict) -> str:
     flagged = outlier_blocks(stats)
-    lines = [f"**Blocks with activation outliers** (for quantization): "
+    lines = ["**Blocks with activation outliers** (for quantization): "
              + (", ".join(f"{f['block']} ({'/'.join(f['modules'])})" for f in flagged) or "none")]
     rows = ["| block | residual top dims (max abs, x median) |", "|---|---|"]
     for i, dims in enumerate(stats["top_dims"]["residual"]):

@@ -14,27 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine.errors import Cancelled, ExportError, RecipeError, WorkbenchError
 from workbench.engine.variant import DROP, state_fingerprint, view_model
 from workbench.panels import blocks, compare, export, model
-from workbench.store import SessionError, Store
+from workbench.store import SessionError
 
-SPEC = "tiny-llama"
+from conftest import TINY_SPEC
 
-
-@pytest.fixture
-def store(tiny_lm):
-    s = Store(default_model=SPEC, device="cpu")
-    s.register_model(tiny_lm("llama", layers=4), SPEC)
-    return s
-
-
-@pytest.fixture
-def sid(store):
-    sid = store.new_session()
-    store.attach(sid)
-    return sid
 
 
 def _no_progress(frac, desc=None):
@@ -376,7 +363,7 @@ def test_gradio_client_smoke(running_app, tmp_path):
     client.predict(api_name="/start_session")
     info, _ = client.predict("default", "", api_name="/load_model")
     assert "4 blocks" in info
-    recipe = {"model": SPEC, "steps": [{"op": "prune_blocks", "blocks": [2]}]}
+    recipe = {"model": TINY_SPEC, "steps": [{"op": "prune_blocks", "blocks": [2]}]}
     msg, _ = client.predict(json.dumps(recipe), None, api_name="/import_recipe")
     assert "3/4 blocks" in msg
     orig, var, speed = client.predict("Hi", 6, api_name="/generate")

@@ -13,7 +13,7 @@ from torch import nn
 from workbench.engine.adapters import linear_weight
 from workbench.engine.data import Calibration
 from workbench.engine.errors import BlockIndexError, Cancelled, RecipeError
-from workbench.engine.hooks import run_block, trace_blocks
+from workbench.engine.block_stream import run_block, trace_blocks
 from workbench.engine.ops.fuse import FuseBlocks, inject_block, merge_block, neighbour_window
 from workbench.engine.ops.fuse_linear import FuseLinear
 from workbench.engine.recipe import OpContext, step_from_dict

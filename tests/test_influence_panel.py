@@ -11,24 +11,12 @@ import pytest
 from workbench.engine.analysis import influence as inf
 from workbench.engine.data import calibration_ids
 from workbench.panels import influence as panel
-from workbench.store import Store
 
-SPEC = "tiny-llama-influence"
 
 
 @pytest.fixture
-def store(tiny_lm):
-    s = Store(default_model=SPEC, device="cpu")
-    s.register_model(tiny_lm("llama", layers=5), SPEC)
-    return s
-
-
-@pytest.fixture
-def sid(store):
-    sid = store.new_session()
-    store.attach(sid)
-    store.set_calibration(sid, 2, 16)
-    return sid
+def store_sid(tiny_store):
+    return tiny_store(layers=5, calibration=(2, 16))
 
 
 def _compute(store, sid):

@@ -10,7 +10,7 @@ import torch
 
 from conftest import ByteTokenizer
 from tiny import tiny_model
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine import loading
 from workbench.engine.data import Calibration
 from workbench.engine.errors import ModelLoadError

@@ -297,7 +297,7 @@ def test_true_sequential_fits_later_linears_to_the_quantized_earlier_ones(tiny_l
 
 
 def test_sizes_mixed_precision_and_requantize_from_source(tiny_lm, calib_text):
-    from workbench.engine.eval import size_of
+    from workbench.engine.evaluate import size_of
 
     lm = tiny_lm("llama", layers=3)
     ctx = _ctx(lm, calib_text)

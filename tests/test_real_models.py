@@ -26,7 +26,7 @@ def gemma_lm():
 def test_real_model_through_every_stage(which, request, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from workbench.engine import eval as ev
+    from workbench.engine import evaluate as ev
     from workbench.engine.analysis import influence
     from workbench.engine.data import Calibration, bos_id, calibration_ids, evaluation_ids
     from workbench.engine.export import export_variant

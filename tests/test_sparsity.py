@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine import masks
 from workbench.engine.adapters import linear_weight
 from workbench.engine.analysis import sparsity as sp

@@ -12,7 +12,7 @@ from workbench.engine.analysis import attention as att
 from workbench.engine.analysis import attribution as attr
 from workbench.engine.analysis import embedding_map as emap
 from workbench.engine.analysis import outliers as out
-from workbench.engine.hooks import run_block, trace_blocks
+from workbench.engine.block_stream import run_block, trace_blocks
 from workbench.engine.variant import original_variant, state_fingerprint
 
 

@@ -70,7 +70,7 @@ def test_calibration_windows_are_bos_plus_a_contiguous_slice(corpus):
 
 
 def test_bos_position_is_never_scored(tiny_lm, corpus):
-    from workbench.engine import eval as ev
+    from workbench.engine import evaluate as ev
     from workbench.engine.variant import original_variant
 
     lm = tiny_lm("llama", layers=2)

@@ -8,30 +8,14 @@ import json
 
 import pytest
 
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine.errors import Cancelled
 from workbench.engine.pareto import pareto_front
 from workbench.panels import blocks as bp
 from workbench.panels import workbench as wb
-from workbench.store import Store
 
-SPEC = "tiny-llama"
 APPLY = dict(rank=4, steps=2, method="rtn", bits=4, group_size=32, observer="minmax", shrink=0.0,
              sp_method="magnitude", sparsity=0.5)
-
-
-@pytest.fixture
-def store(tiny_lm):
-    s = Store(default_model=SPEC, device="cpu")
-    s.register_model(tiny_lm("llama", layers=4), SPEC)
-    return s
-
-
-@pytest.fixture
-def sid(store):
-    sid = store.new_session()
-    store.attach(sid)
-    return sid
 
 
 def run(gen):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine.analysis import influence
 from workbench.engine.analysis.outliers import outlier_stats
 from workbench.engine.data import calibration_ids
@@ -91,9 +91,9 @@ def test_nothing_is_set_on_the_loaded_model_or_its_modules(tiny_lm):
         st.scores(sid, m)
     pinf.angular_runs(st, sid)
     outliers.compute(st, sid, "noop_first")
-    attention.render(st, sid, "a b c d", "current variant", 0.85, False, 0, "avg")
+    attention.render(st, sid, attention.AttentionForm("a b c d", "current variant", 0.85, False, 0, "avg"))
     pmap.compute(st, sid, "first")
-    sparsity.run_sweep(st, sid, ["magnitude"], ["unstructured"], points=2, eval_tokens=64)
+    sparsity.run_sweep(st, sid, sparsity.SweepForm(("magnitude",), ("unstructured",), points=2, eval_tokens=64))
     st.set_pending(sid, [1])
     st.preview(sid)
     st.apply_step(sid, {"op": "quantize", "method": "gptq", "bits": 4, "group_size": 32, "blocks": [1]})

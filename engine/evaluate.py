@@ -66,7 +66,7 @@ def stream_sums(logits_fn, vocab: int, targets: torch.Tensor, ref_hidden: torch.
         out["ref_nll"] -= ref.gather(-1, t).sum().item()
         if var_rows is None:
             continue
-        s = compare(ref, logits_fn(var_rows[a : a + step]), t[:, 0])
+        s = logit_sums(ref, logits_fn(var_rows[a : a + step]), t[:, 0])
         for k in ("kl", "agree", "nll"):
             out[k] += s[k]
     if var_rows is None:
@@ -97,8 +97,8 @@ class QuickCache:
             t.numel() * t.element_size() for t in (self.ref_logp, self.ref_negent, self.ref_psum, self.ref_top1)
         )
 
-    def compare_hidden(self, lm: LoadedModel, hidden: torch.Tensor) -> dict:
-        """`compare` from the variant's last hidden state (B, T, d), a chunk of tokens at a time."""
+    def sums_from_hidden(self, lm: LoadedModel, hidden: torch.Tensor) -> dict:
+        """`logit_sums` from the variant's last hidden state (B, T, d), a chunk of tokens at a time."""
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         step = chunk_tokens(_vocab(lm))
         flat = {k: getattr(self, k).reshape(h.shape[0], *getattr(self, k).shape[2:])
@@ -120,17 +120,13 @@ class QuickCache:
             n = targets.numel()
             return {"kl": 0.0, "agree": float(n), "nll": self.ref_nll * n, "n": n}
         start = variant.first_change() if start is None else start
-        return self.compare_hidden(lm, run_from(lm, variant, self.trace, start))
+        return self.sums_from_hidden(lm, run_from(lm, variant, self.trace, start))
 
     def evaluate(self, lm: LoadedModel, variant: Variant, start: int | None = None) -> dict:
         """{"ppl", "kl", "top1", "nll"} of `variant` on the cached tokens (see `sums`)."""
         if variant.is_identity():  # exactly the reference's own figures
             return {"ppl": math.exp(self.ref_nll), "kl": 0.0, "top1": 1.0, "nll": self.ref_nll}
         return _summarise(self.sums(lm, variant, start))
-
-    def compare(self, logits: torch.Tensor) -> dict:
-        """Sums over the quick tokens, as `compare` returns them, from the variant's logits (B, T-1, V)."""
-        return self._sums(logits, self.ids[:, 1:], self.ref_logp, self.ref_negent, self.ref_psum, self.ref_top1)
 
     @staticmethod
     def _sums(logits, targets, ref_logp, ref_negent, ref_psum, ref_top1) -> dict:
@@ -185,7 +181,7 @@ def run_from(lm: LoadedModel, variant: Variant, trace: BlockTrace, start: int) -
     return run_span(lm.model, lm.adapter, variant, trace, start)
 
 
-def compare(ref_logp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict:
+def logit_sums(ref_logp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict:
     """Sums over tokens: KL(ref || var) in nats, top-1 agreements, variant NLL; and the token count."""
     logp = F.log_softmax(logits.float(), dim=-1)
     ref = ref_logp.float()
