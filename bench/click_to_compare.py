@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine.loading import load_model
-from workbench.engine.workspace import original_variant, view_model
+from workbench.engine.variant import original_variant, view_model
 
 
 @torch.no_grad()
@@ -31,7 +31,7 @@ def uncached_quick(lm, variant, ids):
     t0 = time.perf_counter()
     ref = F.log_softmax(lm.model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
     logits = view_model(lm.model, lm.adapter, variant)(input_ids=ids, use_cache=False).logits[:, :-1]
-    s = ev.compare(ref, logits, ids[:, 1:])
+    s = ev.logit_sums(ref, logits, ids[:, 1:])
     return time.perf_counter() - t0, s["kl"] / s["n"]
 
 

@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 
 from workbench.engine import data
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine.data import Calibration
 from workbench.engine.export import export_any
 from workbench.engine.loading import load_model
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict, variant_recipe
-from workbench.engine.workspace import original_variant, view_model
+from workbench.engine.variant import original_variant, view_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMACPP_VENV = Path(os.path.expanduser(os.environ.get("WORKBENCH_LLAMACPP_VENV", "~/.cache/workbench/llamacpp-venv")))

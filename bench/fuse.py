@@ -3,7 +3,7 @@
 k = 7 of 30 blocks (25 %). Plans on the calibration split (engine.analysis.influence.removal_plan):
 MI iterative (FuseGPT), BI (ShortGPT), perplexity-greedy (SLEB-like). Each plan's plain removal and the
 fusion of the MI blocks (same blocks, same order: `fuse_blocks` with explicit `blocks`) are evaluated on
-the held-out evaluation split. The headline fused variant goes through `engine.eval.full_eval` (ppl,
+the held-out evaluation split. The headline fused variant goes through `engine.evaluate.full_eval` (ppl,
 KL and top-1 against the original); the others are scored by `heldout_ppl`, the same NLL on the same
 tokens without re-running the original each time (the dense figure is printed both ways as a check).
 
@@ -26,11 +26,11 @@ import torch
 
 from workbench.engine.analysis.influence import SCAN_SAMPLES, SCAN_SEQ_LEN, removal_plan
 from workbench.engine.data import Calibration, calibration_ids, evaluation_ids
-from workbench.engine.eval import full_eval, perplexity
+from workbench.engine.evaluate import full_eval, perplexity
 from workbench.engine.loading import load_model
 from workbench.engine.ops.fuse import FuseBlocks
 from workbench.engine.recipe import OpContext
-from workbench.engine.workspace import original_variant, view_model
+from workbench.engine.variant import original_variant, view_model
 
 
 def heldout_ppl(lm, variant, seq_len: int, max_tokens: int, batch_size: int = 4) -> float:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine.data import Calibration
 from workbench.engine.loading import load_model
 from workbench.engine.ops.fuse import FuseBlocks
 from workbench.engine.recipe import OpContext
-from workbench.engine.workspace import original_variant
+from workbench.engine.variant import original_variant
 
 
 def _value(text: str):

@@ -23,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from tiny import tiny_model  # noqa: E402
-from workbench.engine import eval as ev  # noqa: E402
+from workbench.engine import evaluate as ev  # noqa: E402
 from workbench.engine.export import export_variant  # noqa: E402
 from workbench.engine.loading import resolve_device, wrap_model  # noqa: E402
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict  # noqa: E402
-from workbench.engine.workspace import original_variant, view_model  # noqa: E402
+from workbench.engine.variant import original_variant, view_model  # noqa: E402
 
 RESULTS: dict = {}
 

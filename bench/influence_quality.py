@@ -7,7 +7,7 @@ On the default model (30 blocks), k = 7 blocks are chosen on the calibration spl
 - angular: the 7 lowest single-block angular distances, one pass;
 - angular run (Gromov et al.): the contiguous run of 7 with the smallest angular distance;
 - ppl greedy (SLEB-like): drop the block whose removal raises calibration NLL least, re-score, repeat;
-then each pruned variant is evaluated with `engine.eval.full_eval` on the held-out evaluation split
+then each pruned variant is evaluated with `engine.evaluate.full_eval` on the held-out evaluation split
 (perplexity, and KL / top-1 agreement against the original on the same tokens).
 
     python bench/influence_quality.py [--k 7] [--samples 4] [--seq-len 64] [--eval-tokens 4096] [--threads N]
@@ -26,9 +26,9 @@ from workbench.commands.analyze_influence import INFLUENCE_SAMPLES, INFLUENCE_SE
 from workbench.engine.analysis import influence_math as im
 from workbench.engine.analysis.influence import angular_distances, block_scores, removal_plan
 from workbench.engine.data import Calibration, calibration_ids
-from workbench.engine.eval import full_eval
+from workbench.engine.evaluate import full_eval
 from workbench.engine.loading import load_model
-from workbench.engine.workspace import original_variant
+from workbench.engine.variant import original_variant
 
 
 def main() -> None:

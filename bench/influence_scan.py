@@ -29,7 +29,7 @@ from workbench.engine.analysis.influence import block_scores, removal_plan
 from workbench.engine.data import Calibration, calibration_ids
 from workbench.engine.block_stream import run_block, trace_blocks
 from workbench.engine.loading import load_model
-from workbench.engine.workspace import original_variant
+from workbench.engine.variant import original_variant
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Quantization quality on the default model (issue 7): dense vs RTN vs GPTQ, side by side in one run.
 
-Held-out perplexity (engine.eval.full_eval: the evaluation split, never seen by calibration) of the
+Held-out perplexity (engine.evaluate.full_eval: the evaluation split, never seen by calibration) of the
 dense model and of every linear in every block quantized by RTN and by GPTQ with the same scheme
 (4-bit and 3-bit, group 64, asymmetric by default), calibrated on the default calibration (or --samples).
 Printed: perplexity, its increase over dense, KL and top-1 agreement vs dense, bits per weight, bytes,
@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 
 from workbench.engine import data
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine.data import Calibration
 from workbench.engine.loading import cache_dir, load_model
 from workbench.engine.ops.quantize import quantize_blocks
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
-from workbench.engine.workspace import original_variant, view_model
+from workbench.engine.variant import original_variant, view_model
 
 LLMC_VERSION = "0.14.0.1"
 EVAL_SEQ_LEN = 256

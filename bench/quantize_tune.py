@@ -16,10 +16,10 @@ from pathlib import Path
 
 
 from workbench.engine.data import Calibration, calibration_ids
-from workbench.engine.eval import perplexity
+from workbench.engine.evaluate import perplexity
 from workbench.engine.loading import load_model
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
-from workbench.engine.workspace import original_variant, view_model
+from workbench.engine.variant import original_variant, view_model
 
 VALIDATION = Calibration(samples=16, seq_len=256, seed=1000)  # 4,096 tokens of the calibration split
 

@@ -93,14 +93,14 @@ def measure(folder: Path, jobs: list[str], offload: bool) -> dict:
     """Run the jobs on the checkpoint in this process; -> figures (child process)."""
     import torch
 
-    from workbench.engine import eval as ev
+    from workbench.engine import evaluate as ev
     from workbench.engine import plan as P
     from workbench.engine.analysis import influence
     from workbench.engine.data import Calibration, calibration_ids
     from workbench.engine.export import export_variant
     from workbench.engine.loading import load_model
     from workbench.engine.recipe import OpContext, apply_steps, step_from_dict, variant_recipe
-    from workbench.engine.workspace import original_variant
+    from workbench.engine.variant import original_variant
 
     torch.set_num_threads(2)
     ckpt = sum(f.stat().st_size for f in folder.glob("*.safetensors"))

@@ -13,7 +13,7 @@ from workbench.engine.loading import wrap_model
 from workbench.engine.masks import global_masks, group_ranks, layer_mask, nm_mask, row_mask
 from workbench.engine.ops.fuse import FuseBlocks
 from workbench.engine.recipe import OpContext
-from workbench.engine.workspace import original_variant, view_model
+from workbench.engine.variant import original_variant, view_model
 
 
 def gpu_self_check(device: str = "cuda") -> dict:

@@ -85,7 +85,7 @@ def check_export(lm, folder: Path, hold=None) -> None:
     from transformers import AutoModelForCausalLM
 
     from workbench.engine.recipe import Recipe, apply_recipe
-    from workbench.engine.workspace import view_model
+    from workbench.engine.variant import view_model
 
     import contextlib
 
@@ -170,7 +170,7 @@ def _current_bytes(store) -> int:
     """Bytes of the sessions' current variants' blocks: what the budget can never release."""
     from workbench import budget as B
     from workbench.store import RELEASED
-    from workbench.engine.workspace import DROP
+    from workbench.engine.variant import DROP
 
     orig = store._original_storages()
     mods = [o for s in list(store._sessions.values()) if s.current is not None

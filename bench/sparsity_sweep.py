@@ -36,7 +36,7 @@ import torch
 from workbench.engine.analysis import sparsity as sp
 from workbench.engine.data import Calibration, calibration_ids
 from workbench.engine.loading import load_model
-from workbench.engine.workspace import original_variant
+from workbench.engine.variant import original_variant
 
 GOAL_S = 180.0
 RESULTS = Path(__file__).parent / "results" / "sparsity_sweep.json"

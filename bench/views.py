@@ -32,7 +32,7 @@ from workbench.engine.analysis import embedding_map as emap
 from workbench.engine.analysis import outliers as out
 from workbench.engine.data import Calibration, calibration_ids, split_texts
 from workbench.engine.loading import load_model
-from workbench.engine.workspace import original_variant
+from workbench.engine.variant import original_variant
 
 GOAL_S = 30.0
 

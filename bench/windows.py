@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.engine import eval as ev  # noqa: E402
+from workbench.engine import evaluate as ev  # noqa: E402
 from workbench.engine.data import bos_id, evaluation_ids  # noqa: E402
 from workbench.engine.loading import cache_dir, load_model  # noqa: E402
 

@@ -30,7 +30,7 @@ from torch import nn
 from .adapters import Adapter
 from .adapters.base import rebind_hooked_forward
 from .errors import Cancelled, WorkbenchError
-from .workspace import DROP, Variant, block_modules, current_block, view_model
+from .variant import DROP, Variant, block_modules, current_block, view_model
 
 DEFAULT_PROMPT = (
     "The quick brown fox jumps over the lazy dog. Compression keeps what matters, "
@@ -338,6 +338,7 @@ class Stream:
     below the variant's first change) up to block i; after a step replaces blocks from j on, call
     `changed_from(j)`: the states after j are forgotten, the input of j stands. Blocks run in chunks of
     `batch` samples (None: the whole batch at once), the cancel flag is checked before every block.
+    `each(...)` walks the blocks a step compresses, one at a time, and reports progress(done / n, words).
     """
 
     def __init__(self, lm, trace: BlockTrace, batch: int | None = None, cancel=None, progress=None):
@@ -354,6 +355,18 @@ class Stream:
 
     def check(self) -> None:
         check_cancel(self.cancel)
+
+    def each(self, blocks, variant_of, words):
+        """Yield (i, input of block i) for the chosen blocks in order, the input taken from
+        `variant_of()` (the variant being built, read again each time: a sequential step has changed
+        it meanwhile); before each block, progress(k / n, words(i)) and a cancellation check. The caller
+        calls `changed_from(i)` once it has replaced block i, if later blocks must see the change."""
+        blocks = sorted(set(int(b) for b in blocks))
+        for k, i in enumerate(blocks):
+            self.check()
+            h = self.input_of(variant_of(), i)
+            self.say(k / len(blocks), words(i))
+            yield i, h
 
     def run(self, block: nn.Module, i: int, hidden: torch.Tensor, on_batch=None) -> torch.Tensor:
         """Block `block` standing at original index i, on `hidden`, with the trace's call arguments."""

@@ -183,6 +183,11 @@ def calibration_ids(tokenizer, calib: Calibration) -> torch.Tensor:
     return windows(stream, starts.tolist(), calib.seq_len, bos)
 
 
+def calibration_ids_on(lm, calib: Calibration) -> torch.Tensor:
+    """`calibration_ids` for a loaded model, on the device its forwards start on."""
+    return calibration_ids(lm.tokenizer, calib).to(lm.device)
+
+
 def evaluation_ids(tokenizer, source: str = DEFAULT_SOURCE, seq_len: int = 256, max_tokens: int | None = None,
                    bos: bool = True) -> torch.Tensor:
     """(n, seq_len) contiguous, non-overlapping chunks of the evaluation split (up to max_tokens of text),

@@ -20,7 +20,7 @@ from .export_common import LOADERS, model_card, model_sources, step_card_notes, 
 from .export_files import DEFAULT_SHARD_BYTES, write_dense_weights
 from .loading import LoadedModel
 from .safe_folder import atomic_folder, environment_failure
-from .workspace import Variant, view_model
+from .variant import Variant, view_model
 
 FORMATS = ("dense", "compressed-tensors", "gguf")
 

@@ -12,7 +12,7 @@ from .errors import ExportError
 from .export_files import files_bytes
 from .loading import LoadedModel
 from .safe_folder import environment_failure
-from .workspace import Variant
+from .variant import Variant
 
 # What loads each format (the Export panel shows it beside the size).
 LOADERS = {

@@ -29,7 +29,7 @@ from .errors import ExportError
 from .export_common import model_card, model_sources, save_model_files, write_side_files
 from .safe_folder import atomic_folder
 from .loading import LoadedModel
-from .workspace import Variant, view_model
+from .variant import Variant, view_model
 
 log = logging.getLogger(__name__)
 

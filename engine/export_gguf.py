@@ -45,7 +45,7 @@ from .export_files import ties_embeddings
 from .loading import LoadedModel
 from .ops.gptq import GGUF_GROUP, GGUF_SCHEMES, gguf_offset
 from .safe_folder import atomic_folder
-from .workspace import Variant, view_model
+from .variant import Variant, view_model
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from .data import Calibration, calibration_ids
+from .data import Calibration, calibration_ids_on
 from .errors import Cancelled, DataError, RecipeError
 from .loading import DEFAULT_MODEL, LoadedModel
-from .workspace import Variant
+from .variant import Variant
 
 # 2: calibration windows open with the tokenizer's BOS where it adds one (`calibration.bos`); a recipe of
 # version 1 (or without a version) replays with its old windows (bos false).
@@ -60,10 +60,12 @@ class OpContext:
 
     def calib_ids(self) -> torch.Tensor:
         if self._calib_ids is None:
-            self._calib_ids = calibration_ids(self.lm.tokenizer, self.calibration).to(self.lm.device)
+            self._calib_ids = calibration_ids_on(self.lm, self.calibration)
         return self._calib_ids
 
-    def report(self, frac: float, msg: str) -> None:
+    def progress_to(self, frac: float, msg: str) -> None:
+        """Tell the caller the step is `frac` (0-1) done, with a line saying what it does; raise Cancelled
+        if the caller asked to stop."""
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("cancelled")
         if self.progress is not None:
@@ -213,7 +215,7 @@ class Recipe:
 def apply_steps(ctx: OpContext, variant: Variant, steps: list[Step], name: str | None = None) -> Variant:
     """Apply steps in order; the original model is never touched. Reports accumulate on the variant."""
     for k, step in enumerate(steps):
-        ctx.report(k / max(len(steps), 1), f"step {k + 1}/{len(steps)}: {step.op}")
+        ctx.progress_to(k / max(len(steps), 1), f"step {k + 1}/{len(steps)}: {step.op}")
         new, report, resolved = step.apply(ctx, variant)
         new.steps = list(variant.steps) + [resolved]
         new.reports = list(variant.reports) + [report]
@@ -224,7 +226,7 @@ def apply_steps(ctx: OpContext, variant: Variant, steps: list[Step], name: str |
 
 
 def apply_recipe(lm: LoadedModel, recipe: Recipe, progress=None, cancel=None, name: str = "recipe") -> Variant:
-    from .workspace import original_variant
+    from .variant import original_variant
 
     ctx = OpContext(lm=lm, calibration=recipe.calibration, progress=progress, cancel=cancel)
     return apply_steps(ctx, original_variant(lm.num_blocks), recipe.steps, name=name)

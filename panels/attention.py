@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
 
-from workbench.engine.analysis.attention import DEFAULT_PROMPT, AttentionCapture, cached_attention
+from workbench.engine.analysis.attention import DEFAULT_PROMPT, AttentionCapture
 from workbench.engine.errors import WorkbenchError
 from workbench.panels.context import form_values, number, progress_fn, whole
 
@@ -136,8 +136,8 @@ def render(store, sid, form: AttentionForm, progress=None):
     """-> (grid, head map, PageRank bars, info, block choices update) for the chosen variant."""
 
     variant = pick_variant(store, sid, form.which)
-    with store.using(sid) as lm:  # hooks on the shared model: one computation at a time
-        cap, rep = cached_attention(lm, variant, form.prompt, 512, form.damping, form.skip_first, progress=progress)
+    cap, rep = store.workspace(sid).attention(variant, form.prompt, 512, form.damping, form.skip_first,
+                                              progress=progress)
     pos = cap.blocks.index(form.block) if form.block is not None and form.block in cap.blocks else 0
     h = None if form.head in ("", "avg") else int(form.head)
     info = (f"**{variant.name}** · {len(cap.tokens)} tokens · {len(cap.blocks)} blocks x {cap.num_heads} heads"

@@ -68,7 +68,6 @@ def chart_figure(store, sid: str | None, metric: str, progress=None) -> dict:
         colours.append(COLOURS["selected"] if i in pending else _state_colour(state))
         states.append(shown)
         texts.append(("n/a" if v is None else f"{v:.4g}") + hover_extra(others, i))
-    direction = "higher = more important" if scores.get("higher_is_more_important", True) else "lower = more important"
     trace = {
         "type": "bar", "x": xs, "y": ys, "customdata": xs, "marker": {"color": colours},
         "text": states, "textposition": "none", "hovertext": texts,
@@ -76,7 +75,7 @@ def chart_figure(store, sid: str | None, metric: str, progress=None) -> dict:
     }
     layout = {
         "height": 340, "margin": {"l": 50, "r": 10, "t": 40, "b": 40}, "bargap": 0.15,
-        "title": {"text": f"{metric}: {direction}; click bars to select blocks", "font": {"size": 13}, "x": 0.01},
+        "title": {"text": f"{metric}: higher = more important; click bars to select blocks", "font": {"size": 13}, "x": 0.01},
         "xaxis": {"title": {"text": "block (original index)"}, "dtick": 1 if len(xs) <= 40 else None},
         "yaxis": {"title": {"text": f"{metric} ({scores.get('unit', '')})"}},
         "plot_bgcolor": "rgba(0,0,0,0)", "paper_bgcolor": "rgba(0,0,0,0)",
@@ -96,8 +95,7 @@ def outlier_marks(store, sid: str, variant) -> list[int]:
     """Blocks the outlier analysis flagged for this variant, if it has run (never computed here)."""
     from workbench.engine.analysis.outliers import outlier_blocks
 
-    cache = store.lm(sid).__dict__.get("_outlier_cache", {})
-    stats = next((v for k, v in reversed(list(cache.items())) if k[0] == variant.id), None)
+    stats = store.workspace(sid).latest(variant, "outliers")
     return sorted(f["block"] for f in outlier_blocks(stats)) if stats else []
 
 
@@ -138,45 +136,22 @@ def clear(store, sid: str, metric: str) -> tuple[str, str, str]:
 
 def suggest(store, sid: str, metric: str, k: int, progress=gr.Progress()) -> tuple[str, str, str]:
     """Select the k blocks `removal_plan` would remove first by `metric` (iterative for mi and ppl)."""
-    from workbench.engine.data import calibration_ids
-
-    lm, s = store.lm(sid), store.session(sid)
-    ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device)
-    with store.using(sid):
-        plan = influence.removal_plan(lm, s.current, ids, metric, int(k), progress=progress_fn(progress),
-                                      cancel=store.begin_job(sid))
-    store.set_pending(sid, plan["order"])
+    plan = store.workspace(sid).suggest(metric, int(k), progress=progress_fn(progress), cancel=store.begin_job(sid))
     how = "iteratively, re-scoring after each removal" if plan.get("iterative") else "ranked once"
     note = f"Suggested by {metric} ({how}): remove {plan['order']} in that order."
     return chart_value(store, sid, metric), selection_text(store, sid), note
 
 
-def step_for(mode: str, blocks: list[int], kept: list[int], rank: int = 8, steps: int = 40,
-             method: str = "gptq", bits: int = 4, group_size: int = 64, observer: str = "minmax",
-             shrink: float = 0.0) -> dict:
-    """The recipe step the Apply button makes from the mode, its options and the selection."""
-    order = [int(b) for b in blocks]  # click order: fusion runs in it
-    blocks = sorted(order)
-    if mode == "prune":
-        if not blocks:
-            raise RecipeError("select blocks to prune: click their bars in the chart")
-        return {"op": "prune_blocks", "blocks": blocks}
-    if mode == "fuse":
-        if not blocks:
-            raise RecipeError("select blocks to fuse: click their bars in the chart")
-        return {"op": "fuse_blocks", "blocks": order, "rank": int(rank), "steps": int(steps),
-                "guard_samples": FUSE_DEFAULTS["guard_samples"]}
-    if mode == "quantize":  # no selection: every kept block
-        return {"op": "quantize", "method": method, "bits": int(bits), "group_size": int(group_size), "observer": observer,
-                "hessian_shrink": float(shrink),
-                "blocks": blocks or list(kept)}
-    raise RecipeError(f"unknown mode '{mode}'")
+def step_for(mode: str, blocks: list[int], kept: list[int], **options) -> dict:
+    """The recipe step the Apply button makes from the mode, its options (ApplyForm's fields) and the
+    selection."""
+    return ApplyForm(mode, **options).step(blocks, kept)
 
 
 @dataclass(frozen=True)
 class ApplyForm:
     """The Apply button's settings, from the Blocks tab or the Workbench screen (the screen adds sparsify,
-    `sp_method` and `sparsity`). The defaults are `step_for`'s; the op configs check the values' ranges."""
+    `sp_method` and `sparsity`). The op configs check the values' ranges."""
 
     mode: str
     rank: int = 8
@@ -202,9 +177,24 @@ class ApplyForm:
                    sparsity=number(values, "sparsity", d["sparsity"]))
 
     def step(self, blocks: list[int], kept: list[int]) -> dict:
-        """The recipe step for this form and the selection (`step_for`; sparsify is the screen's own)."""
-        return step_for(self.mode, blocks, kept, self.rank, self.steps, self.method, self.bits, self.group_size,
-                        self.observer, self.shrink)
+        """The recipe step for this form and the selection (sparsify is the screen's own). Fusion runs in
+        click order; pruning and quantizing take the blocks sorted; quantizing with no selection takes
+        every kept block."""
+        order = [int(b) for b in blocks]
+        chosen = sorted(order)
+        if self.mode == "prune":
+            if not chosen:
+                raise RecipeError("select blocks to prune: click their bars in the chart")
+            return {"op": "prune_blocks", "blocks": chosen}
+        if self.mode == "fuse":
+            if not chosen:
+                raise RecipeError("select blocks to fuse: click their bars in the chart")
+            return {"op": "fuse_blocks", "blocks": order, "rank": self.rank, "steps": self.steps,
+                    "guard_samples": FUSE_DEFAULTS["guard_samples"]}
+        if self.mode == "quantize":
+            return {"op": "quantize", "method": self.method, "bits": self.bits, "group_size": self.group_size,
+                    "observer": self.observer, "hessian_shrink": float(self.shrink), "blocks": chosen or list(kept)}
+        raise RecipeError(f"unknown mode '{self.mode}'")
 
 
 def apply(store, sid: str, form: ApplyForm, progress=gr.Progress()) -> tuple[str, str]:

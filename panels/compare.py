@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine.errors import Cancelled
 from workbench.panels.context import PanelContext, progress_fn
 from workbench.panels.summary import describe_steps, plot_of, variants_figure
@@ -66,28 +66,28 @@ def _stream(store, sid: str, variant, prompt: str, max_new_tokens: int, out: dic
 
 def generate_pair(store, sid: str, prompt: str, max_new_tokens: int = 48):
     """Stream (original text, variant text, speed line): the original first (cached per prompt)."""
-    lm, s = store.lm(sid), store.session(sid)
-    orig, cur = s.variants[0], store.current(sid)
-    key = ("gen", prompt, int(max_new_tokens))
-    fo = store.figures(sid, orig)
-    if key not in fo:
-        if "warm" not in fo:  # the first generation pays one-off costs; keep them out of tokens/s
+    ws = store.workspace(sid)
+    lm, orig, cur = ws.lm, ws.original, ws.current
+    key = (prompt, int(max_new_tokens))
+    done = ws.peek(orig, "generation", key)
+    if done is None:
+        if ws.peek(orig, "warm") is None:  # the first generation pays one-off costs; keep them out of tokens/s
             with store.using(sid):
                 ev.generate(lm, orig, prompt, max_new_tokens=2)
-            fo["warm"] = True
-        res: dict = {}
-        for text in _stream(store, sid, orig, prompt, int(max_new_tokens), res):
+            ws.record(orig, "warm", True)
+        done = {}
+        for text in _stream(store, sid, orig, prompt, int(max_new_tokens), done):
             yield text, "…", ""
-        fo[key] = res
-        fo["tps"] = res["decode_tokens_per_s"]
-    otext = fo[key]["text"]
+        ws.record(orig, "generation", done, key)
+        ws.record(orig, "tps", done["decode_tokens_per_s"])
+    otext = done["text"]
     if cur is orig:
         yield otext, otext, speed_text(store, sid)
         return
     res = {}
     for text in _stream(store, sid, cur, prompt, int(max_new_tokens), res):
         yield otext, text, ""
-    store.figures(sid, cur)["tps"] = res["decode_tokens_per_s"]
+    ws.record(cur, "tps", res["decode_tokens_per_s"])
     yield otext, res["text"], speed_text(store, sid)
 
 

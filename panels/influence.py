@@ -25,47 +25,29 @@ COLUMNS = ["block", "state", "mi", "bi", "angular", "ppl_drop", "ppl_without"]
 _CELL = 10000  # heatmap cell code: n * _CELL + start position (the click bridge carries one number)
 
 
-def _key(store, sid, what: str) -> tuple:
-    s = store.session(sid)
-    return (s.current.id, what, s.calibration)
+def _peek(store, sid, analysis: str, params):
+    """A cached result of the current variant, or None (never computes)."""
+    ws = store.workspace(sid)
+    return ws.peek(ws.current, analysis, params)
 
 
-def _ids(store, sid):
-    from workbench.engine.data import calibration_ids
-
-    lm = store.lm(sid)
-    return calibration_ids(lm.tokenizer, store.session(sid).calibration).to(lm.device)
+def _scores(store, sid, metric: str):
+    return _peek(store, sid, "scores", (metric, store.workspace(sid).calibration))
 
 
 def angular_runs(store, sid: str, progress=None, cancel=None) -> dict:
     """`angular_distances` of the current variant on the session's calibration (cached)."""
-    s = store.session(sid)
-    variant, key = s.current, _key(store, sid, "angular_runs")  # taken together: the variant may change
-    if key not in s.scores:
-        ids = _ids(store, sid)
-        with store.using(sid) as lm:
-            s.scores[key] = influence.angular_distances(lm, variant, ids, progress=progress, cancel=cancel)
-    return s.scores[key]
+    return store.workspace(sid).angular(progress=progress, cancel=cancel)
 
 
 def every_metric(store, sid: str, progress=None, cancel=None) -> dict:
-    """All metrics of the current variant from one scan; also filled into the Blocks chart's cache."""
-    s = store.session(sid)
-    variant, keys = s.current, {m: _key(store, sid, m) for m in influence.METRICS}
-    if any(k not in s.scores for k in keys.values()):
-        ids = _ids(store, sid)
-        with store.using(sid) as lm:
-            every = influence.all_scores(lm, variant, ids, progress=progress, cancel=cancel)
-        for m, res in every.items():
-            s.scores.setdefault(keys[m], res)
-    return {m: s.scores[k] for m, k in keys.items() if k in s.scores}
+    """All metrics of the current variant from one scan; also what the Blocks chart reads."""
+    return store.workspace(sid).all_scores(progress=progress, cancel=cancel)
 
 
 def cached_values(store, sid: str, exclude: str | None = None) -> dict[str, list]:
     """{metric: per-block values} already computed for the current variant and calibration (no work)."""
-    s = store.session(sid)
-    return {m: s.scores[_key(store, sid, m)]["values"] for m in influence.METRICS
-            if m != exclude and _key(store, sid, m) in s.scores}
+    return {m: r["values"] for m in influence.METRICS if m != exclude and (r := _scores(store, sid, m)) is not None}
 
 
 def hover_extra(others: dict[str, list], i: int) -> str:
@@ -162,8 +144,8 @@ def shown(store, sid: str | None):
     if not sid or store.session(sid).spec is None:
         return json.dumps(heatmap_figure(None)), "", [], None, ""
     s = store.session(sid)
-    runs = s.scores.get(_key(store, sid, "angular_runs"))
-    every = {m: s.scores[_key(store, sid, m)] for m in influence.METRICS if _key(store, sid, m) in s.scores}
+    runs = _peek(store, sid, "angular_runs", (s.calibration,))
+    every = {m: r for m in influence.METRICS if (r := _scores(store, sid, m)) is not None}
     rows = table_rows(store, sid, every) if every else []
     hint = "" if runs else f"Variant **{s.current.name}**: press Compute for the heatmap and the table."
     return json.dumps(heatmap_figure(runs)), best_text(runs), rows, (write_csv(rows) if rows else None), hint
@@ -171,7 +153,7 @@ def shown(store, sid: str | None):
 
 def select_cell(store, sid: str, code: int) -> tuple[list[int], str]:
     """Select the run of blocks a heatmap cell stands for. -> (blocks, status)."""
-    runs = store.session(sid).scores.get(_key(store, sid, "angular_runs"))
+    runs = _peek(store, sid, "angular_runs", (store.workspace(sid).calibration,))
     if not runs:
         return store.pending(sid), "Press Compute first."
     n, start = divmod(int(code), _CELL)

@@ -9,7 +9,7 @@ import json
 import gradio as gr
 import plotly.graph_objects as go
 
-from workbench.engine.analysis.embedding_map import HEAD_FEATURES, analyze_map
+from workbench.engine.analysis.embedding_map import HEAD_FEATURES
 from workbench.panels.chart import click_bridge_js, placeholder
 from workbench.panels.context import progress_fn
 
@@ -54,19 +54,7 @@ def heads_figure(res: dict, feature: str = "first") -> go.Figure:
 
 
 def _cached(store, sid, progress=None) -> dict:
-    from workbench.engine.data import calibration_ids
-
-    lm, s = store.lm(sid), store.session(sid)
-    cache = lm.__dict__.setdefault("_map_cache", {})
-    key = (s.current.id, s.calibration)
-    if key not in cache:
-        ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device)
-        if len(cache) >= 4:
-            cache.pop(next(iter(cache)))
-        with store.using(sid):  # hooks on the shared model: one computation at a time
-            cache[key] = analyze_map(lm, s.current, ids, seed=s.calibration.seed, progress=progress,
-                                     cancel=store.begin_job(sid))
-    return cache[key]
+    return store.workspace(sid).embedding_map(progress=progress, cancel=store.begin_job(sid))
 
 
 def _block_colour(store, sid, res: dict, by: str, progress=None):

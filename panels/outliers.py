@@ -9,7 +9,7 @@ import json
 import gradio as gr
 import plotly.graph_objects as go
 
-from workbench.engine.analysis.outliers import MODULE_LABELS, MODULES, outlier_blocks, outlier_stats_cached
+from workbench.engine.analysis.outliers import MODULE_LABELS, MODULES, outlier_blocks
 from workbench.engine.errors import WorkbenchError
 from workbench.panels.chart import click_bridge_js
 from workbench.panels.context import progress_fn
@@ -67,7 +67,7 @@ def norms_figure(stats: dict) -> go.Figure:
 
 def summary_text(stats: dict) -> str:
     flagged = outlier_blocks(stats)
-    lines = [f"**Blocks with activation outliers** (for quantization): "
+    lines = ["**Blocks with activation outliers** (for quantization): "
              + (", ".join(f"{f['block']} ({'/'.join(f['modules'])})" for f in flagged) or "none")]
     rows = ["| block | residual top dims (max abs, x median) |", "|---|---|"]
     for i, dims in enumerate(stats["top_dims"]["residual"]):
@@ -78,26 +78,18 @@ def summary_text(stats: dict) -> str:
 
 def compute(store, sid, score: str, progress=None):
     """-> (no-op heatmap JSON, norms figure, summary markdown) for the current variant."""
-    from workbench.engine.data import calibration_ids
-
-    lm, s = store.lm(sid), store.session(sid)
-    ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device)
-    with store.using(sid):  # hooks on the shared model: one computation at a time
-        stats = outlier_stats_cached(lm, s.current, ids, progress=progress, cancel=store.begin_job(sid))
+    stats = store.workspace(sid).outliers(progress=progress, cancel=store.begin_job(sid))
     return json.dumps(noop_figure(stats, score)), norms_figure(stats), summary_text(stats)
 
 
 def open_head(store, sid, code: int, prompt: str | None = None):
     """The attention map of the clicked head on `prompt` (the Attention tab's; current variant)."""
-    from workbench.engine.analysis.attention import cached_attention
-
     from .attention import head_figure, pagerank_figure
 
     if int(code) < 0:
         raise WorkbenchError("that block is dropped in the current variant: it has no heads to open")
     block, head = divmod(int(code), HEAD_CODE)
-    with store.using(sid) as lm:
-        cap, rep = cached_attention(lm, store.current(sid), prompt or None)
+    cap, rep = store.workspace(sid).attention(prompt=prompt or None)
     pos = cap.blocks.index(block)
     return head_figure(cap, pos, head), pagerank_figure(cap, rep, pos, head)
 

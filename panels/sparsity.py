@@ -116,10 +116,6 @@ def heatmap(sens: dict | None) -> go.Figure:
 
 
 # ---- handlers (plain functions; tests call them without a browser) ----------------------------------
-def _key(store, sid):
-    return ("sparsity", store.current(sid).id)
-
-
 @dataclass(frozen=True)
 class SweepForm:
     """The sweep's settings from the Sparsity tab; `eval_tokens` 0 = the whole evaluation split, `log_y`
@@ -149,26 +145,22 @@ class SweepForm:
 
 
 def run_sweep(store, sid, form: SweepForm, progress=None) -> dict:
-    """Sweep the current variant; the result is kept in the session (variants never change once made)."""
-    from workbench.engine.data import calibration_ids
-
-    s, lm = store.session(sid), store.lm(sid)
+    """Sweep the current variant; the result is kept in the workspace (variants never change once made)."""
+    ws = store.workspace(sid)
+    lm, v = ws.lm, ws.current
     cfg = sp.SweepConfig(methods=form.methods, patterns=form.patterns or ("unstructured",), points=form.points,
                          max_sparsity=form.max_sparsity, eval_tokens=form.eval_tokens or None,
                          tolerance=form.tolerance_pct / 100.0, scope={"magnitude": form.magnitude_scope},
-                         source=s.calibration.source)
-    ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device) if "wanda" in form.methods else None
-    with store.using(sid):
-        res = sp.sweep(lm, cfg, variant=s.current, calib_ids=ids, progress=progress, cancel=store.begin_job(sid))
-    s.scores[_key(store, sid)] = res
-    return res
+                         source=ws.calibration.source)
+    ids = ws.calib_ids() if "wanda" in form.methods else None
+    cancel = store.begin_job(sid)
+    return ws.result(v, "sparsity_sweep", (repr(cfg), ws.calibration), lambda: sp.sweep(
+        lm, cfg, variant=v, calib_ids=ids, progress=progress, cancel=cancel))
 
 
 def run_sensitivity(store, sid, method: str, sparsity: float, pattern: str, progress=None) -> dict:
-    from workbench.engine.data import calibration_ids
-
-    s, lm = store.session(sid), store.lm(sid)
-    ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device) if method == "wanda" else None
+    s, lm = store.workspace(sid), store.lm(sid)
+    ids = s.calib_ids() if method == "wanda" else None
     with store.using(sid):
         return sp.sensitivity(lm, method, float(sparsity), pattern, variant=s.current, calib_ids=ids,
                               source=s.calibration.source, progress=progress, cancel=store.begin_job(sid))
@@ -228,7 +220,7 @@ def build(ctx) -> dict:
         return json.dumps(figure(res, f.log_y)), summary(res)
 
     def relog(s, lg):
-        res = store.session(s).scores.get(_key(store, s)) if s else None
+        res = store.workspace(s).latest(None, "sparsity_sweep") if s else None
         return json.dumps(figure(res, lg))
 
     def picked(evt: gr.EventData):

@@ -14,7 +14,6 @@ time left; Cancel shows only while a job runs; results replace the old ones whol
 from __future__ import annotations
 
 import json
-import math
 
 import gradio as gr
 
@@ -105,8 +104,8 @@ def chart_metric(store, sid, chosen: str) -> str:
 
 
 def mi_ready(store, sid) -> bool:
-    s = store.session(sid)
-    return (s.current.id, "mi", s.calibration) in s.scores
+    ws = store.workspace(sid)
+    return ws.peek(ws.current, "scores", ("mi", ws.calibration)) is not None
 
 
 def chart_figure(store, sid, chosen: str = "mi", scale: str = "clipped") -> dict:
@@ -133,7 +132,6 @@ def chart_figure(store, sid, chosen: str = "mi", scale: str = "clipped") -> dict
         patterns.append("/" if m["sparsity"] else "")
         lines.append(3 if i in pending else 0)
     hover = [("n/a (dropped)" if v is None else f"{v:.4g}") for v in values]
-    higher = scores.get("higher_is_more_important", True)
     name = influence.METRICS[metric].split(":")[0]
     waiting = " (Macro Influence is being computed; shown when ready)" if metric != chosen else ""
     data = [{"type": "bar", "x": list(range(n)), "y": ys, "customdata": list(range(n)), "text": texts,
@@ -153,7 +151,7 @@ def chart_figure(store, sid, chosen: str = "mi", scale: str = "clipped") -> dict
     else:
         yaxis["range"] = [0, top * 1.2]
     layout = {"height": 360, "margin": {"l": 55, "r": 10, "t": 45, "b": 40}, "bargap": 0.15, "showlegend": False,
-              "title": {"text": f"{name}: {'higher' if higher else 'lower'} = more important{waiting}; click bars to select",
+              "title": {"text": f"{name}: higher = more important{waiting}; click bars to select",
                         "font": {"size": 13}, "x": 0.01},
               "xaxis": {"title": {"text": "block (original index)"}, "dtick": 1 if n <= 40 else None, "range": [-0.6, n - 0.4]},
               "yaxis": yaxis, "annotations": annotations,

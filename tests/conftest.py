@@ -44,6 +44,44 @@ def tiny_lm():
     return make
 
 
+TINY_SPEC = "tiny-llama"
+
+
+@pytest.fixture
+def tiny_store(tiny_lm):
+    """Factory: tiny_store(layers=4, calibration=None) -> (store, session id): an app store whose default
+    model is a tiny random Llama (registered as TINY_SPEC), one session attached to it and, if given,
+    its calibration set to (samples, seq_len)."""
+    from workbench.store import Store
+
+    def make(layers: int = 4, calibration: tuple[int, int] | None = None):
+        store = Store(default_model=TINY_SPEC, device="cpu")
+        store.register_model(tiny_lm("llama", layers=layers), TINY_SPEC)
+        sid = store.new_session()
+        store.attach(sid)
+        if calibration is not None:
+            store.set_calibration(sid, *calibration)
+        return store, sid
+
+    return make
+
+
+@pytest.fixture
+def store_sid(tiny_store):
+    """A tiny store and its attached session (four blocks, the default calibration)."""
+    return tiny_store()
+
+
+@pytest.fixture
+def store(store_sid):
+    return store_sid[0]
+
+
+@pytest.fixture
+def sid(store_sid):
+    return store_sid[1]
+
+
 @pytest.fixture(scope="session")
 def default_lm():
     """The real default model (SmolLM2-135M-Instruct), loaded once per test session."""

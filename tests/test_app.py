@@ -14,27 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine.errors import Cancelled, ExportError, RecipeError, WorkbenchError
-from workbench.engine.workspace import DROP, state_fingerprint, view_model
+from workbench.engine.variant import DROP, state_fingerprint, view_model
 from workbench.panels import blocks, compare, export, model
-from workbench.store import SessionError, Store
+from workbench.store import SessionError
 
-SPEC = "tiny-llama"
+from conftest import TINY_SPEC
 
-
-@pytest.fixture
-def store(tiny_lm):
-    s = Store(default_model=SPEC, device="cpu")
-    s.register_model(tiny_lm("llama", layers=4), SPEC)
-    return s
-
-
-@pytest.fixture
-def sid(store):
-    sid = store.new_session()
-    store.attach(sid)
-    return sid
 
 
 def _no_progress(frac, desc=None):
@@ -376,7 +363,7 @@ def test_gradio_client_smoke(running_app, tmp_path):
     client.predict(api_name="/start_session")
     info, _ = client.predict("default", "", api_name="/load_model")
     assert "4 blocks" in info
-    recipe = {"model": SPEC, "steps": [{"op": "prune_blocks", "blocks": [2]}]}
+    recipe = {"model": TINY_SPEC, "steps": [{"op": "prune_blocks", "blocks": [2]}]}
     msg, _ = client.predict(json.dumps(recipe), None, api_name="/import_recipe")
     assert "3/4 blocks" in msg
     orig, var, speed = client.predict("Hi", 6, api_name="/generate")
@@ -396,7 +383,7 @@ def test_fuse_step_keeps_click_order_prune_sorts():
 
 
 def test_fuse_from_the_panel_lists_plain_removal_beside_it(store, sid):
-    from workbench.engine.workspace import DROP
+    from workbench.engine.variant import DROP
     from workbench.panels import blocks
 
     store.toggle(sid, 2)
@@ -413,12 +400,11 @@ def test_fuse_from_the_panel_lists_plain_removal_beside_it(store, sid):
 
 def test_chart_marks_outlier_blocks_once_the_outlier_analysis_ran(store, sid, monkeypatch):
     import workbench.engine.analysis.outliers as out
-    from workbench.engine.data import calibration_ids
     from workbench.panels import blocks
 
     assert len(blocks.chart_figure(store, sid, "bi")["data"]) == 1  # nothing computed: no marks
-    lm, v = store.lm(sid), store.current(sid)
-    stats = out.outlier_stats_cached(lm, v, calibration_ids(lm.tokenizer, store.session(sid).calibration))
+    v = store.current(sid)
+    stats = store.workspace(sid).outliers()
     # the tiny model has no outliers under the default rule; a looser rule flags some, as real models do
     monkeypatch.setattr(out, "outlier_blocks", lambda st, **kw: [{"block": 3}, {"block": 1}] if st is stats else [])
     assert blocks.outlier_marks(store, sid, v) == [1, 3]
@@ -433,7 +419,7 @@ def test_generations_use_the_chat_template_where_the_model_has_one():
     from tiny import tiny_bpe_tokenizer, tiny_model
 
     from workbench.engine.loading import wrap_model
-    from workbench.engine.workspace import original_variant
+    from workbench.engine.variant import original_variant
 
     model = tiny_model("llama", 2)
     tok = tiny_bpe_tokenizer()

@@ -11,7 +11,7 @@ import torch
 from tiny import CAUSAL_FAMILIES
 from workbench.engine import block_stream as bs
 from workbench.engine.errors import Cancelled
-from workbench.engine.workspace import copy_block, original_variant, view_model
+from workbench.engine.variant import copy_block, original_variant, view_model
 
 IDS = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(7))
 
@@ -98,6 +98,36 @@ def test_stream_checks_cancellation(tiny_lm):
     v = original_variant(lm.num_blocks).with_dropped([0])
     with pytest.raises(Cancelled):
         bs.Stream(lm, trace, cancel=cancel).input_of(v, 3)
+
+
+def test_stream_each_walks_a_sequential_step_and_reports_its_progress(tiny_lm):
+    """`each` hands every chosen block its input from the variant as it is at that moment (a block halved
+    before is seen by the next), says done / n before each block, and stops when cancelled."""
+    lm = tiny_lm("llama", layers=5)
+    trace = bs.trace_blocks(lm.model, lm.adapter, IDS)
+    said = []
+    stream = bs.Stream(lm, trace, progress=lambda f, m: said.append((f, m)))
+    new = original_variant(lm.num_blocks).derive()
+    seen = {}
+    for i, h in stream.each([3, 1, 3], lambda: new, lambda i: f"block {i}"):
+        seen[i] = h
+        halved = copy_block(lm.adapter.blocks(lm.model)[i])
+        with torch.no_grad():
+            for p in halved.parameters():
+                p.mul_(0.5)
+        new.overrides[i] = halved
+        stream.changed_from(i)
+    assert said == [(0.0, "block 1"), (0.5, "block 3")]
+    with torch.no_grad():  # reference: the input of block 3 when block 1 is the halved copy (hidden_states[3])
+        ref = view_model(lm.model, lm.adapter, new)(input_ids=IDS, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(seen[1], trace.inputs[1], rtol=0, atol=0)
+    torch.testing.assert_close(seen[3], ref[3], rtol=1e-5, atol=1e-5)
+    cancel = threading.Event()
+    walk = bs.Stream(lm, trace, cancel=cancel).each([0, 2], lambda: new, str)
+    next(walk)
+    cancel.set()
+    with pytest.raises(Cancelled):
+        next(walk)
 
 
 def _naive_inputs(block, linears, hidden, call):

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from tiny import CAUSAL_FAMILIES
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine.adapters import adapter_for, linear_weight
 from workbench.engine.errors import BlockIndexError, ExportError, RecipeError, UnsupportedArchitecture
 from workbench.engine.export import export_variant
-from workbench.engine.hooks import run_block, trace_blocks
+from workbench.engine.block_stream import run_block, trace_blocks
 from workbench.engine.recipe import OpContext, Recipe, apply_steps, step_from_dict, variant_recipe
-from workbench.engine.workspace import original_variant, state_fingerprint, view_model
+from workbench.engine.variant import original_variant, state_fingerprint, view_model
 from workbench.engine.data import Calibration
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -239,7 +239,7 @@ def test_engine_never_imports_gradio_or_upper_layers():
 
 
 def test_slice_call_cuts_only_per_sample_tensors():
-    from workbench.engine.hooks import BlockCall, slice_call
+    from workbench.engine.block_stream import BlockCall, slice_call
 
     mask = torch.zeros(4, 1, 6, 6)
     pos = torch.arange(6)[None]  # (1, T): shared by the batch

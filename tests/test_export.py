@@ -15,7 +15,7 @@ import torch
 from workbench.engine.errors import ExportError
 from workbench.engine.export import default_format, export_any, export_variant
 from workbench.engine.export_files import ShardWriter, dense_weight_bytes
-from workbench.engine.workspace import original_variant, view_model
+from workbench.engine.variant import original_variant, view_model
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -705,7 +705,7 @@ def test_llamacpp_loads_our_gguf_and_agrees_on_top1(default_lm, tmp_path, typ, r
         msg = f"llama-cpp-python is not built in {LLAMACPP_VENV} (README: GGUF export, building llama.cpp)"
         print(f"SKIP: {msg}")
         pytest.skip(msg)
-    from workbench.engine import eval as ev
+    from workbench.engine import evaluate as ev
     from workbench.engine.export_gguf import export_gguf
 
     lm = default_lm
@@ -722,10 +722,10 @@ def test_llamacpp_loads_our_gguf_and_agrees_on_top1(default_lm, tmp_path, typ, r
 
 def test_compressed_tensors_reloads_score_like_the_variant_through_the_engines_forwards(tiny_lm, tmp_path):
     """A compressed-tensors reload (symmetric: it loads packed) scores the in-app variant's perplexity in
-    `eval.perplexity`, whose forwards start below the whole model, where a packed linear had failed
+    `evaluate.perplexity`, whose forwards start below the whole model, where a packed linear had failed
     ("'Linear' object has no attribute 'weight'", seen in bench/export.py); two exports in one process;
     and `load_model` of such a folder runs its blocks."""
-    from workbench.engine import eval as ev
+    from workbench.engine import evaluate as ev
     from workbench.engine.loading import _packed, load_model
 
     ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(3))

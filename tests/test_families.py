@@ -14,8 +14,8 @@ from tiny import DENSE_FAMILIES, tiny_model
 from workbench.engine.adapters import adapter_for, linear_weight
 from workbench.engine.adapters.fused import head_counts
 from workbench.engine.errors import UnsupportedArchitecture
-from workbench.engine.hooks import run_block, trace_blocks
-from workbench.engine.workspace import original_variant, state_fingerprint, view_model
+from workbench.engine.block_stream import run_block, trace_blocks
+from workbench.engine.variant import original_variant, state_fingerprint, view_model
 
 IDS = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(3))
 

@@ -12,24 +12,12 @@ import pytest
 from workbench.engine.errors import RecipeError, WorkbenchError
 from workbench.panels import attention, blocks, sparsity
 from workbench.panels.context import form_values, number, whole
-from workbench.store import Store
 
-SPEC = "tiny-forms"
 
 
 @pytest.fixture
-def store(tiny_lm):
-    s = Store(default_model=SPEC, device="cpu")
-    s.register_model(tiny_lm("llama", layers=4), SPEC)
-    return s
-
-
-@pytest.fixture
-def sid(store):
-    sid = store.new_session()
-    store.attach(sid)
-    store.set_calibration(sid, 2, 32)
-    return sid
+def store_sid(tiny_store):
+    return tiny_store(calibration=(2, 32))
 
 
 def test_field_parsers_take_widget_values_and_name_the_field_they_refuse():
@@ -50,7 +38,8 @@ def test_apply_form_parses_what_the_widgets_give_and_makes_the_same_step():
     form = blocks.ApplyForm.parse(raw)
     assert form == blocks.ApplyForm("quantize", 8, 16, "gptq", 4, 32, "mse", 0.4)
     assert (form.sp_method, form.sparsity) == ("wanda", 0.5)  # the Blocks tab has no sparsify fields: defaults
-    assert form.step([2], [0, 1, 2, 3]) == blocks.step_for("quantize", [2], [0, 1, 2, 3], 8, 16, "gptq", 4, 32, "mse", 0.4)
+    assert form.step([2], [0, 1, 2, 3]) == {"op": "quantize", "method": "gptq", "bits": 4, "group_size": 32,
+                                            "observer": "mse", "hessian_shrink": 0.4, "blocks": [2]}
     with pytest.raises(dataclasses.FrozenInstanceError):
         form.bits = 8
     with pytest.raises(RecipeError, match="^rank: enter a whole number"):

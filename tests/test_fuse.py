@@ -13,11 +13,11 @@ from torch import nn
 from workbench.engine.adapters import linear_weight
 from workbench.engine.data import Calibration
 from workbench.engine.errors import BlockIndexError, Cancelled, RecipeError
-from workbench.engine.hooks import run_block, trace_blocks
+from workbench.engine.block_stream import run_block, trace_blocks
 from workbench.engine.ops.fuse import FuseBlocks, inject_block, merge_block, neighbour_window
 from workbench.engine.ops.fuse_linear import FuseLinear
 from workbench.engine.recipe import OpContext, step_from_dict
-from workbench.engine.workspace import DROP, original_variant, state_fingerprint, view_model
+from workbench.engine.variant import DROP, original_variant, state_fingerprint, view_model
 
 IDS = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(3))
 SMALL = dict(samples=4, seq_len=24, batch=2, patience=0)
@@ -347,7 +347,7 @@ def test_output_guard_keeps_plain_removal_unless_the_fusion_is_better_on_held_ou
     """guard_samples > 0: KL(original || variant) of the output on other calibration windows (seed + 1),
     recomputed here by hand; 0 steps (fused == removal exactly) is not better, so removal is kept."""
     from workbench.engine.data import Calibration, calibration_ids
-    from workbench.engine.workspace import view_model
+    from workbench.engine.variant import view_model
 
     lm = tiny_lm("llama", layers=6)
     v0 = original_variant(6)

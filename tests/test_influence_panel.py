@@ -11,24 +11,12 @@ import pytest
 from workbench.engine.analysis import influence as inf
 from workbench.engine.data import calibration_ids
 from workbench.panels import influence as panel
-from workbench.store import Store
 
-SPEC = "tiny-llama-influence"
 
 
 @pytest.fixture
-def store(tiny_lm):
-    s = Store(default_model=SPEC, device="cpu")
-    s.register_model(tiny_lm("llama", layers=5), SPEC)
-    return s
-
-
-@pytest.fixture
-def sid(store):
-    sid = store.new_session()
-    store.attach(sid)
-    store.set_calibration(sid, 2, 16)
-    return sid
+def store_sid(tiny_store):
+    return tiny_store(layers=5, calibration=(2, 16))
 
 
 def _compute(store, sid):
@@ -57,9 +45,9 @@ def test_compute_fills_heatmap_table_csv_and_the_chart_cache(store, sid):
     assert back[0] == panel.COLUMNS and len(back) == 1 + v.num_blocks
     assert float(back[4][2]) == pytest.approx(rows[3][2])
     # the Blocks chart's cache now holds every metric: no recomputation when switching
-    cached = store.session(sid).scores
+    ws = store.workspace(sid)
     for m in inf.METRICS:
-        assert store.scores(sid, m) is cached[(v.id, m, store.session(sid).calibration)]
+        assert store.scores(sid, m) is ws.peek(v, "scores", (m, ws.calibration)) is not None
 
 
 def test_cell_click_selects_the_run_in_original_indices(store, sid):
@@ -79,7 +67,7 @@ def test_shown_reads_only_the_cache(store, sid):
     assert len(rows) == 5 and "n=1" in best and hint == ""
     assert panel.csv_text(rows).splitlines()[0] == ",".join(panel.COLUMNS)
     # each best run is the smallest distance of its row
-    runs = store.session(sid).scores[panel._key(store, sid, "angular_runs")]
+    runs = store.workspace(sid).angular()  # the cached result (no second scan)
     for b in runs["best"]:
         assert b["distance"] == min(d for d in runs["matrix"][b["n"] - 1] if d is not None)
     assert io.StringIO(panel.csv_text(rows)).read().count("\n") == 6

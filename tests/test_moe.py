@@ -11,10 +11,10 @@ from tiny import MOE_FAMILIES
 from workbench.engine.adapters.experts import MIN_ROUTED_TOKENS
 from workbench.engine.data import Calibration
 from workbench.engine.errors import ExportError, RecipeError
-from workbench.engine.hooks import run_block, trace_blocks
+from workbench.engine.block_stream import run_block, trace_blocks
 from workbench.engine.ops import gptq as solver
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
-from workbench.engine.workspace import original_variant, state_fingerprint, view_model
+from workbench.engine.variant import original_variant, state_fingerprint, view_model
 
 IDS = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(5))
 

@@ -10,12 +10,12 @@ import torch
 
 from conftest import ByteTokenizer
 from tiny import tiny_model
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine import loading
 from workbench.engine.data import Calibration
 from workbench.engine.errors import ModelLoadError
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
-from workbench.engine.workspace import original_variant
+from workbench.engine.variant import original_variant
 
 
 def save_tiny(folder, family="llama", layers=4, dtype=torch.bfloat16, seed=0):
@@ -131,7 +131,7 @@ def test_fp32_reductions_on_a_bf16_model(bf16_folder):
     v = original_variant(4).with_dropped([1])
     q = ev.quick_eval(lm, v)
     qc = ev.quick_cache(lm)
-    from workbench.engine.workspace import view_model
+    from workbench.engine.variant import view_model
 
     ids = qc.ids
     ref = torch.log_softmax(lm.model(input_ids=ids).logits[:, :-1].double(), -1)
@@ -166,7 +166,7 @@ def _naive(model, vmodel, ids):
 def test_chunked_eval_equals_whole_logits(family, tiny_lm, monkeypatch, tmp_path):
     import math
 
-    from workbench.engine.workspace import view_model
+    from workbench.engine.variant import view_model
 
     lm = tiny_lm(family, layers=3)
     monkeypatch.setattr(ev, "LOGIT_CHUNK_BYTES", 4 * 256 * 7)  # 7 tokens a chunk: many uneven chunks

@@ -10,7 +10,7 @@ from workbench.engine.data import Calibration
 from workbench.engine.errors import ExportError, RecipeError
 from workbench.engine.ops import gptq as G
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
-from workbench.engine.workspace import original_variant, state_fingerprint, view_model
+from workbench.engine.variant import original_variant, state_fingerprint, view_model
 
 
 # ---- an independent reference: GPTQ as the OBS recursion on the explicit inverse Hessian ------------
@@ -297,7 +297,7 @@ def test_true_sequential_fits_later_linears_to_the_quantized_earlier_ones(tiny_l
 
 
 def test_sizes_mixed_precision_and_requantize_from_source(tiny_lm, calib_text):
-    from workbench.engine.eval import size_of
+    from workbench.engine.evaluate import size_of
 
     lm = tiny_lm("llama", layers=3)
     ctx = _ctx(lm, calib_text)

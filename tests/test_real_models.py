@@ -26,12 +26,12 @@ def gemma_lm():
 def test_real_model_through_every_stage(which, request, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from workbench.engine import eval as ev
+    from workbench.engine import evaluate as ev
     from workbench.engine.analysis import influence
     from workbench.engine.data import Calibration, bos_id, calibration_ids, evaluation_ids
     from workbench.engine.export import export_variant
     from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
-    from workbench.engine.workspace import original_variant, view_model
+    from workbench.engine.variant import original_variant, view_model
 
     lm = request.getfixturevalue("default_lm" if which == "default" else "gemma_lm")
     n = lm.num_blocks

@@ -22,7 +22,7 @@ import torch
 from workbench.engine import safe_folder as sf
 from workbench.engine.errors import ExportError, WriteFailure
 from workbench.engine.export import export_variant
-from workbench.engine.workspace import original_variant
+from workbench.engine.variant import original_variant
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -237,7 +237,7 @@ def test_export_reloads_with_lm_head(tiny_lm, tmp_path, family):
     """A tied model's export must reload tied (lm_head present); an untied one keeps its own head."""
     from transformers import AutoModelForCausalLM
 
-    from workbench.engine.workspace import view_model
+    from workbench.engine.variant import view_model
 
     lm = tiny_lm(family)
     v = original_variant(4).with_dropped([1])
@@ -446,7 +446,7 @@ def test_memory_used_counts_each_replacement_block_once(tiny_lm):
 
 
 def test_budget_releases_caches_then_old_variants_and_rebuilds_them_bit_identically(tiny_lm):
-    from workbench.engine.workspace import view_model
+    from workbench.engine.variant import view_model
     from workbench.store import RELEASED
 
     notes = []
@@ -468,11 +468,14 @@ def test_budget_releases_caches_then_old_variants_and_rebuilds_them_bit_identica
     v3 = st.apply_step(sid, _rtn(3, observer="mse"))
     want = {v.id: logits(v) for v in (v1, v2, v3)}
     per = {v.id: _block_bytes(next(iter(v.overrides.values()))) for v in (v1, v2, v3)}
-    lm.__dict__["_probe_cache"] = {"k": torch.zeros(50000)}  # an analysis cache on the model
-    assert st.memory_used()["caches"] == 200000
+    ws = st.workspace(sid)
+    ws.results.put(v1, "probe", (), {"k": torch.zeros(50000)})  # a cached analysis result
+    ws.results.put(v3, "small", (), {"k": torch.zeros(10)})  # used later: kept while the older one suffices
+    assert st.memory_used()["caches"] == 200040
 
-    st.memory_budget = sum(per.values())  # the blocks fit: only the cache goes
-    assert st.enforce_budget() == {"caches": 1, "variants": []} and not lm.__dict__["_probe_cache"]
+    st.memory_budget = sum(per.values()) + 40  # the blocks fit: only the oldest result goes
+    assert st.enforce_budget() == {"caches": 1, "variants": []}
+    assert ws.peek(v1, "probe") is None and ws.peek(v3, "small") is not None
     st.memory_budget = per[v2.id] + per[v3.id]  # one block too many: the oldest non-current goes
     assert st.enforce_budget()["variants"] == [v1.name]
     assert st.session(sid).released == {v1.id} and v1.overrides[1] is RELEASED and v1 in st.variants(sid)
@@ -674,7 +677,7 @@ def test_short_soak_eight_sessions(budget):
 def test_recipe_of_a_variant_records_the_calibration_it_was_made_with(tiny_lm, tmp_path):
     """Undo after importing a recipe with another calibration: the export's recipe still replays it."""
     from workbench.engine.recipe import Recipe, apply_recipe
-    from workbench.engine.workspace import view_model
+    from workbench.engine.variant import view_model
 
     st = _store(tiny_lm, memory_budget=None)
     sid = st.new_session()

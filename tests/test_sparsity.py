@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine import masks
 from workbench.engine.adapters import linear_weight
 from workbench.engine.analysis import sparsity as sp
 from workbench.engine.errors import RecipeError
 from workbench.engine.ops import sparsify
 from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
-from workbench.engine.workspace import original_variant, state_fingerprint, view_model
+from workbench.engine.variant import original_variant, state_fingerprint, view_model
 
 
 def self_checks():

@@ -12,8 +12,8 @@ from workbench.engine.analysis import attention as att
 from workbench.engine.analysis import attribution as attr
 from workbench.engine.analysis import embedding_map as emap
 from workbench.engine.analysis import outliers as out
-from workbench.engine.hooks import run_block, trace_blocks
-from workbench.engine.workspace import original_variant, state_fingerprint
+from workbench.engine.block_stream import run_block, trace_blocks
+from workbench.engine.variant import original_variant, state_fingerprint
 
 
 def _hooks_left(model) -> int:
@@ -329,7 +329,7 @@ def test_panel_handlers_on_a_tiny_model(tiny_lm):
     store.register_model(lm)
     sid = store.new_session()
     store.attach(sid, lm.spec)
-    store.session(sid).calibration = Calibration(samples=2, seq_len=24)
+    store.set_calibration(sid, 2, 24)
     grid, hmap, bars, info, _, _ = pa.render(store, sid, pa.AttentionForm("ab. " * 200, "current variant", 0.85, False, 2, "1"))
     assert "cropped from 800 to its last 512" in info
     assert "pooled to 16x16" in grid.layout.title.text  # 512-token maps reach the browser pooled

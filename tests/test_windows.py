@@ -70,8 +70,8 @@ def test_calibration_windows_are_bos_plus_a_contiguous_slice(corpus):
 
 
 def test_bos_position_is_never_scored(tiny_lm, corpus):
-    from workbench.engine import eval as ev
-    from workbench.engine.workspace import original_variant
+    from workbench.engine import evaluate as ev
+    from workbench.engine.variant import original_variant
 
     lm = tiny_lm("llama", layers=2)
     lm.tokenizer = BosTokenizer()

@@ -12,7 +12,7 @@ import pytest
 
 from test_browser import CHROMIUM, app_page, serve_tiny_app
 
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 
 pytestmark = [
     pytest.mark.browser,

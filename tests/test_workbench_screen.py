@@ -8,30 +8,14 @@ import json
 
 import pytest
 
-from workbench.engine import eval as ev
+from workbench.engine import evaluate as ev
 from workbench.engine.errors import Cancelled
 from workbench.engine.pareto import pareto_front
 from workbench.panels import blocks as bp
 from workbench.panels import workbench as wb
-from workbench.store import Store
 
-SPEC = "tiny-llama"
 APPLY = dict(rank=4, steps=2, method="rtn", bits=4, group_size=32, observer="minmax", shrink=0.0,
              sp_method="magnitude", sparsity=0.5)
-
-
-@pytest.fixture
-def store(tiny_lm):
-    s = Store(default_model=SPEC, device="cpu")
-    s.register_model(tiny_lm("llama", layers=4), SPEC)
-    return s
-
-
-@pytest.fixture
-def sid(store):
-    sid = store.new_session()
-    store.attach(sid)
-    return sid
 
 
 def run(gen):
@@ -69,9 +53,8 @@ def test_chart_shows_block_influence_until_the_mi_scan_is_done_then_mi(store, si
 
 
 def test_clipped_chart_labels_the_clipped_bar_with_its_real_value(store, sid):
-    s = store.session(sid)
-    key = (s.current.id, "bi", s.calibration)
-    s.scores[key] = {"values": [1.0, 0.1, 0.2, 0.15], "unit": "1 - cos", "higher_is_more_important": True}
+    ws = store.workspace(sid)
+    ws.cache_for(ws.current).put(ws.current, "scores", ("bi", ws.calibration), {"values": [1.0, 0.1, 0.2, 0.15], "unit": "1 - cos"})
     fig = wb.chart_figure(store, sid, "bi", "clipped")
     assert fig["data"][0]["y"][0] == pytest.approx(0.26)
     assert [a["text"] for a in fig["layout"]["annotations"]] == ["✂ 1"] and fig["layout"]["annotations"][0]["x"] == 0

@@ -64,7 +64,7 @@ def cmd_info(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from workbench.engine import eval as ev
+    from workbench.engine import evaluate as ev
 
     lm, variant, recipe, calib = open_session(args)
     source = calib.source
@@ -82,7 +82,7 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_compress(args) -> dict:
-    from workbench.engine import eval as ev
+    from workbench.engine import evaluate as ev
     from workbench.engine.errors import ExportError
     from workbench.engine.emit import emit
     from workbench.engine.export import export_any

@@ -1,9 +1,9 @@
-"""Session store: heavy state lives here, engine-side; a browser session holds only its id.
+"""Session store: the model registry and the map from browser session to workspace.
 
-One loaded model per model spec, shared by every session (loaded once, under a lock). Each session has
-its own variants, a pending block selection, an undo stack, a calibration choice and the figures
-measured for its variants. Panels call the methods below; they never touch the engine's objects
-directly except to read them.
+One loaded model per model spec, shared by every session (loaded once, under a lock), with one shared
+result cache for its original's results. Each session has its own engine Workspace (variants, undo, the
+pending selection, the calibration choice, its result cache: engine/workspace.py). Panels call the
+methods below or ask the workspace; they never write its state.
 
 A job that fails or is cancelled leaves the session exactly as it was: the new variant is attached only
 after the step returned.
@@ -18,6 +18,7 @@ session is told. Sessions idle longer than `session_idle` seconds expire (a runn
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -25,13 +26,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workbench.engine import eval as ev
-from workbench.engine.data import Calibration, calibration_ids
 from workbench.engine.errors import WorkbenchError
 from workbench.engine.export import export_any
 from workbench.engine.loading import DEFAULT_MODEL, LoadedModel, load_model
-from workbench.engine.recipe import OpContext, Recipe, apply_steps, step_from_dict, variant_recipe
-from workbench.engine.workspace import DROP, Variant, original_variant
+from workbench.engine.results import ResultCache
+from workbench.engine.variant import Variant
+from workbench.engine.workspace import RELEASED, Workspace, new_results  # noqa: F401  (RELEASED: tests)
 from workbench import budget as B
 
 log = logging.getLogger(__name__)
@@ -47,30 +47,33 @@ class SessionError(WorkbenchError):
 
 @dataclass
 class Session:
+    """A browser session: its workspace (None until a model is attached) and its job bookkeeping."""
+
     id: str
-    spec: str | None = None  # model spec; None until a model is attached
-    variants: list[Variant] = field(default_factory=list)
-    current: Variant | None = None
-    pending: dict[int, None] = field(default_factory=dict)  # an ordered set: click order is kept
-    undo: list[Variant] = field(default_factory=list)
-    calibration: Calibration = field(default_factory=Calibration)
-    figures: dict[int, dict] = field(default_factory=dict)  # variant id -> {"quick": .., "full": .., "tps": ..}
-    scores: dict[tuple, dict] = field(default_factory=dict)  # (variant id, metric, calibration) -> scores
+    spec: str | None = None  # model key; None until a model is attached
+    workspace: Workspace | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     last_used: float = field(default_factory=time.monotonic)
     busy: int = 0  # computations running for this session (an idle session with a job is kept)
-    lineage: dict[int, tuple] = field(default_factory=dict)  # variant id -> (base, resolved steps, calibration)
-    released: set[int] = field(default_factory=set)  # ids of variants whose blocks were released
+
+    # read-only views of the workspace, for panels that only show them
+    @property
+    def current(self) -> Variant | None:
+        return self.workspace.current if self.workspace else None
+
+    @property
+    def variants(self) -> list[Variant]:
+        return list(self.workspace.variants) if self.workspace else []
+
+    @property
+    def calibration(self):
+        return self.workspace.calibration if self.workspace else None
+
+    @property
+    def released(self) -> set[int]:
+        return set(self.workspace.released) if self.workspace else set()
 
 
-class _Released:
-    """Stands in for a replacement block released to keep within the memory budget."""
-
-    def __repr__(self):
-        return "RELEASED"
-
-
-RELEASED = _Released()
 DEFAULT_BUDGET = 2 * 2**30
 DEFAULT_IDLE = 2 * 3600.0
 
@@ -102,6 +105,7 @@ class Store:
         self.allow_pickle = allow_pickle
         self.load_options = load  # further load_model options: dtype, max_memory, offload_folder
         self._models: dict[str, LoadedModel] = {}
+        self._shared: dict[str, ResultCache] = {}  # model key -> the original's results, for every session
         self._sessions: dict[str, Session] = {}
         self._model_lock = threading.Lock()
         self._use_locks: dict[str, threading.RLock] = {}
@@ -113,6 +117,7 @@ class Store:
         spec = spec or lm.spec
         with self._model_lock:
             self._models[spec] = lm
+            self._shared[spec] = new_results()
         return spec
 
     def model(self, spec: str | None = None, progress=_quiet) -> LoadedModel:
@@ -126,6 +131,7 @@ class Store:
                 opts = {**self.load_options, **(json.loads(extra) if extra else {})}
                 lm = load_model(spec, device=self.device, allow_pickle=self.allow_pickle, progress=progress, **opts)
                 self._models[key] = lm
+                self._shared[key] = new_results()
             return lm
 
     def loaded_specs(self) -> list[str]:
@@ -170,210 +176,125 @@ class Store:
 
     def attach(self, sid: str, spec: str | None = None, progress=_quiet, dtype: str | None = None,
                max_memory: str | None = None, offload_folder: str | None = None) -> LoadedModel:
-        """Load (or reuse) a model and make it the session's; a different model resets its variants."""
+        """Load (or reuse) a model and make it the session's; a different model starts a new workspace
+        (the calibration choice carries over)."""
         s = self.session(sid)
         spec = model_key((spec or self.default_model).strip(), dtype, max_memory, offload_folder)
         lm = self.model(spec, progress)
-        if s.spec != spec or s.current is None:
-            root = original_variant(lm.num_blocks)
-            s.spec, s.variants, s.current = spec, [root], root
-            s.pending, s.undo, s.figures, s.scores = {}, [], {}, {}
+        if s.spec != spec or s.workspace is None:
+            calib = s.workspace.calibration if s.workspace else None
+            s.spec = spec
+            s.workspace = Workspace(lm, calib, shared=self._shared[spec], guard=lambda: self.using(sid),
+                                    notify=self.notify)
         return lm
 
-    def lm(self, sid: str) -> LoadedModel:
+    def workspace(self, sid: str) -> Workspace:
         s = self.session(sid)
-        if s.spec is None:
+        if s.workspace is None:
             raise SessionError("no model is loaded yet: load one in the Model tab")
-        return self.model(s.spec)
+        return s.workspace
+
+    def lm(self, sid: str) -> LoadedModel:
+        return self.workspace(sid).lm
 
     def current(self, sid: str) -> Variant:
-        self.lm(sid)
-        return self.session(sid).current
+        return self.workspace(sid).current
 
     # ---- pending selection ----------------------------------------------------------------------
     def toggle(self, sid: str, block: int) -> list[int]:
-        s = self.session(sid)
-        self.current(sid).check_indices([block])
-        b = int(block)
-        if s.pending.pop(b, "absent") == "absent":
-            s.pending[b] = None
-        return sorted(s.pending)
+        return self.workspace(sid).toggle(block)
 
     def set_pending(self, sid: str, blocks) -> list[int]:
-        self.current(sid).check_indices(list(blocks))
-        self.session(sid).pending = dict.fromkeys(int(b) for b in blocks)
-        return self.pending(sid)
+        return self.workspace(sid).set_pending(blocks)
 
     def clear_pending(self, sid: str) -> None:
-        self.session(sid).pending = {}
+        self.workspace(sid).clear_pending()
 
     def pending(self, sid: str) -> list[int]:
-        return sorted(self.session(sid).pending)
+        return self.workspace(sid).pending()
 
     def pending_in_order(self, sid: str) -> list[int]:
         """The selection in the order the blocks were clicked (fusion runs in that order)."""
-        return list(self.session(sid).pending)
+        return self.workspace(sid).pending_in_order()
 
-    def set_calibration(self, sid: str, samples: int, seq_len: int) -> Calibration:
-        s = self.session(sid)
-        s.calibration = Calibration(**{**s.calibration.to_dict(), "samples": int(samples), "seq_len": int(seq_len)})
-        return s.calibration
+    def set_calibration(self, sid: str, samples: int, seq_len: int):
+        return self.workspace(sid).set_calibration(samples, seq_len)
+
+    def calib_ids(self, sid: str):
+        """The session's calibration windows on the model's device."""
+        return self.workspace(sid).calib_ids()
 
     # ---- variants -------------------------------------------------------------------------------
-    def _push(self, s: Session, variant: Variant) -> Variant:
-        s.undo.append(s.current)
-        s.variants.append(variant)
-        s.current = variant
-        s.pending = {}
-        self.enforce_budget()
-        return variant
-
     def apply_step(self, sid: str, step: dict, progress=_quiet, cancel: threading.Event | None = None) -> Variant:
         """Apply one recipe step to the current variant; the new variant becomes current."""
         return self.apply_steps(sid, [step], progress=progress, cancel=cancel)
 
     def apply_steps(self, sid: str, steps: list[dict], progress=_quiet, cancel=None, base: Variant | None = None) -> Variant:
-        lm, s = self.lm(sid), self.session(sid)
-        parsed = [step_from_dict(d) for d in steps]  # validates before any work
-        ctx = OpContext(lm=lm, calibration=s.calibration, progress=progress, cancel=cancel or s.cancel)
-        start = base or s.current
-        with self.using(sid):
-            self._materialize(s, start)
-            new = apply_steps(ctx, start, parsed, name=f"v{len(s.variants)}")
-        new.parent = start.name
-        s.lineage[new.id] = (start, new.steps[len(start.steps):], ctx.calibration)
-        return self._push(s, new)
+        ws = self.workspace(sid)
+        new = ws.build(steps, progress=progress, cancel=cancel or self.session(sid).cancel, base=base)
+        ws.push(new)
+        self.enforce_budget()
+        return new
 
     def add_sibling(self, sid: str, variant: Variant) -> Variant:
         """List a variant for comparison without making it current (e.g. plain removal beside fusion)."""
-        self.session(sid).variants.append(variant)
-        return variant
+        return self.workspace(sid).add_sibling(variant)
 
     def undo(self, sid: str) -> Variant:
-        s = self.session(sid)
-        if not s.undo:
-            raise WorkbenchError("nothing to undo")
-        prev = s.undo[-1]
-        if prev.id in s.released:  # rebuilt and made current under the lock: the budget cannot take it between
-            with self.using(sid):
-                self._materialize(s, prev)
-                s.current = s.undo.pop()
-        else:
-            s.current = s.undo.pop()
-        s.pending = {}
-        return s.current
+        return self.workspace(sid).undo()
 
     def switch(self, sid: str, variant_id: int) -> Variant:
-        s = self.session(sid)
-        for v in s.variants:
-            if v.id == int(variant_id):
-                if v is s.current:
-                    return v
-                with self.using(sid) if v.id in s.released else contextlib.nullcontext():
-                    self._materialize(s, v)  # made current before the budget may look again
-                    s.undo.append(s.current)
-                    s.current, s.pending = v, {}
-                return v
-        raise WorkbenchError(f"no variant with id {variant_id} in this session")
+        return self.workspace(sid).switch(variant_id)
 
     def variants(self, sid: str) -> list[Variant]:
-        return list(self.session(sid).variants)
+        return list(self.workspace(sid).variants)
 
     # ---- recipes and export ---------------------------------------------------------------------
     def recipe_of(self, sid: str, variant: Variant | None = None) -> dict:
-        """The recipe that replays the variant, with the calibration its steps ran with (not the session's
-        choice of now: after an undo or a switch they differ). A recipe has one calibration; a variant whose
-        steps ran under different ones records the last (logged)."""
-        s = self.session(sid)
-        v = variant or s.current
-        return variant_recipe(self.lm(sid), v, self.calibration_of(s, v))
-
-    @staticmethod
-    def calibration_of(s: Session, v: Variant) -> Calibration:
-        chain, cur = [], v
-        while cur is not None and cur.id in s.lineage:
-            base, steps, calib = s.lineage[cur.id]
-            if steps:
-                chain.append(calib)
-            cur = base
-        if not chain:
-            return s.calibration
-        if any(c != chain[0] for c in chain[1:]):
-            log.warning("variant %s was made under %d calibrations; its recipe records the last", v.name, len(set(chain)))
-        return chain[0]
+        """The recipe that replays the variant, with the calibration its steps ran with."""
+        return self.workspace(sid).recipe_of(variant)
 
     def import_recipe(self, sid: str, text: str, progress=_quiet, cancel=None) -> Variant:
         """Replay a recipe JSON from the original model (the recipe's calibration is adopted)."""
-        recipe = Recipe.from_text(text)
-        s = self.session(sid)
-        lm = self.lm(sid)
-        if recipe.model not in (s.spec, lm.spec):
-            log.warning("recipe names model %r; replaying it on the loaded model %r", recipe.model, s.spec)
-        old = s.calibration
-        s.calibration = recipe.calibration
-        try:
-            return self.apply_steps(sid, [st.to_dict() for st in recipe.steps], progress, cancel, base=s.variants[0])
-        except BaseException:
-            s.calibration = old
-            raise
+        v = self.workspace(sid).replay(text, progress, cancel or self.session(sid).cancel)
+        self.enforce_budget()
+        return v
 
     def export(self, sid: str, out_dir: str, overwrite: bool = False, progress=_quiet, fmt: str | None = None,
                gguf_type: str | None = None) -> Path:
         """Export the current variant (`fmt` None: its default format, see export.default_format)."""
-        v = self.current(sid)
-        lm = self.lm(sid)
-        q = self.quick(sid, v)
+        ws = self.workspace(sid)
+        v = ws.current
+        q = ws.quick(v)
         metrics = {f"quick_{k}": q[k] for k in ("kl", "top1", "ppl", "tokens")}
         metrics.update({"parameters": q["parameters"], "bytes": q["bytes"]})
-        full = self.session(sid).figures.get(v.id, {}).get("full")
+        full = ws.peek(v, "full")
         if full:
             metrics.update({f"full_{k}": full[k] for k in ("kl", "top1", "ppl", "ppl_original", "tokens") if k in full})
-        with self.using(sid):
-            out, _ = export_any(lm, v, out_dir, self.recipe_of(sid, v), fmt=fmt, gguf_type=gguf_type, metrics=metrics,
+        with self.using(sid) as lm:
+            out, _ = export_any(lm, v, out_dir, ws.recipe_of(v), fmt=fmt, gguf_type=gguf_type, metrics=metrics,
                                 overwrite=overwrite, progress=progress)
             return out
 
     # ---- figures --------------------------------------------------------------------------------
     def figures(self, sid: str, variant: Variant) -> dict:
-        return self.session(sid).figures.setdefault(variant.id, {})
+        """What has been measured for the variant (read only): {"quick", "full", "tps"} where known."""
+        return self.workspace(sid).figures(variant)
 
     def quick(self, sid: str, variant: Variant | None = None) -> dict:
         """Quick-set figures of a variant (cached per variant: variants never change once made)."""
-        v = variant or self.current(sid)
-        f = self.figures(sid, v)
-        if "quick" not in f:
-            with self.using(sid) as lm:
-                self._materialize(self.session(sid), v)
-                f["quick"] = ev.quick_eval(lm, v)
-        return f["quick"]
+        return self.workspace(sid).quick(variant)
 
     def preview(self, sid: str) -> dict | None:
         """Quick figures of the current variant with the pending blocks dropped (not kept as a variant)."""
-        s = self.session(sid)
-        pend = [b for b in s.pending if b in s.current.kept()]
-        if not pend:
-            return None
-        with self.using(sid) as lm:
-            return ev.quick_eval(lm, s.current.with_dropped(pend, name="preview"))
+        return self.workspace(sid).preview()
 
     def full_eval(self, sid: str, progress=_quiet, cancel=None, max_tokens: int | None = 4096) -> dict:
-        v = self.current(sid)
-        with self.using(sid) as lm:
-            res = ev.full_eval(lm, v, max_tokens=max_tokens, progress=progress, cancel=cancel or self.session(sid).cancel)
-        self.figures(sid, v)["full"] = res
-        return res
+        return self.workspace(sid).full_eval(progress, cancel or self.session(sid).cancel, max_tokens)
 
     def scores(self, sid: str, metric: str, progress=None, cancel=None) -> dict:
         """Per-block scores of the current variant on the session's calibration ids (cached)."""
-        from workbench.engine.analysis import influence
-
-        s, lm = self.session(sid), self.lm(sid)
-        key = (s.current.id, metric, s.calibration)
-        if key not in s.scores:
-            ids = calibration_ids(lm.tokenizer, s.calibration).to(lm.device)
-            with self.using(sid):
-                s.scores[key] = influence.block_scores(lm, s.current, ids, metric, progress=progress, cancel=cancel)
-        return s.scores[key]
+        return self.workspace(sid).scores(metric, progress=progress, cancel=cancel)
 
     # ---- memory budget ---------------------------------------------------------------------------
     def _original_storages(self) -> set[int]:
@@ -382,17 +303,20 @@ class Store:
             ptrs |= set(B.storages(lm.model))
         return ptrs
 
+    def _workspaces(self) -> list[Workspace]:
+        return [s.workspace for s in list(self._sessions.values()) if s.workspace is not None]
+
     def memory_used(self) -> dict:
         """Bytes the store holds beyond the loaded models: {"blocks", "caches", "total"} (see budget.py)."""
         orig = self._original_storages()
         blocks: dict[int, int] = {}
         caches: dict[int, int] = {}
-        for s in list(self._sessions.values()):
-            for v in list(s.variants):
-                blocks.update(B.storages([o for o in v.overrides.values() if o is not DROP and o is not RELEASED]))
-            caches.update(B.storages(list(s.scores.values())))
-        for lm in list(self._models.values()):
-            caches.update(B.storages(list(B.model_caches(lm).values())))
+        for ws in self._workspaces():
+            held = ws.held()
+            blocks.update(held["blocks"])
+            caches.update(held["caches"])
+        for shared in list(self._shared.values()):
+            caches.update(shared.storages())
         b = sum(n for p, n in blocks.items() if p not in orig)
         c = sum(n for p, n in caches.items() if p not in orig and p not in blocks)
         return {"blocks": b, "caches": c, "total": b + c}
@@ -411,46 +335,28 @@ class Store:
             return self._release(done)
 
     def _release(self, done: dict) -> dict:
+        # Cached results holding tensors, least recently used first (the pinned quick reference stays).
         with self._lock:
-            for lm in list(self._models.values()):
-                for cache in B.model_caches(lm).values():
-                    done["caches"] += len(cache)
-                    cache.clear()
-            for s in list(self._sessions.values()):
-                keep = {k: v for k, v in s.scores.items() if s.current is not None and k[0] == s.current.id}
-                done["caches"] += len(s.scores) - len(keep)
-                s.scores = keep
-        candidates = sorted(((v.id, s, v) for s in list(self._sessions.values()) if not s.busy
-                             for v in list(s.variants) if v is not s.current and v.id in s.lineage
-                             and v.id not in s.released and any(o is not DROP for o in v.overrides.values())),
-                            key=lambda t: t[0])
-        for _, s, v in candidates:
+            caches = list(self._shared.values()) + [ws.results for ws in self._workspaces()]
+        entries = sorted(((e.used, cache, key) for cache in caches for key, e in cache.items()
+                          if not e.pinned and e.storages), key=lambda t: t[0])
+        for _, cache, key in entries:
             if self.memory_used()["total"] <= self.memory_budget:
                 break
-            current_mods = {id(o) for o in s.current.overrides.values()} if s.current else set()
-            if all(o is DROP or id(o) in current_mods for o in v.overrides.values()):
-                continue  # its blocks are the current variant's too: releasing frees nothing
-            v.overrides = {i: (DROP if o is DROP else RELEASED) for i, o in v.overrides.items()}
-            s.released.add(v.id)
+            done["caches"] += cache.drop(key)
+        with self._lock:
+            busy = {id(s.workspace) for s in self._sessions.values() if s.busy}
+        candidates = sorted(((v.id, ws, v) for ws in self._workspaces() if id(ws) not in busy for v in ws.releasable()),
+                            key=lambda t: t[0])
+        for _, ws, v in candidates:
+            if self.memory_used()["total"] <= self.memory_budget:
+                break
+            ws.release(v)
             done["variants"].append(v.name)
         if done["variants"]:
             log.info("memory budget: released the blocks of %s", ", ".join(done["variants"]))
         B.trim()
         return done
-
-    def _materialize(self, s: Session, v: Variant) -> None:
-        """Rebuild a released variant from what made it (its base, rebuilt first, its resolved steps and
-        the calibration they ran with). The caller holds the model (`using`)."""
-        if v.id not in s.released:
-            return
-        base, steps, calib = s.lineage[v.id]
-        self._materialize(s, base)
-        ctx = OpContext(lm=self.model(s.spec), calibration=calib, progress=None)
-        new = apply_steps(ctx, base, [step_from_dict(d) for d in steps], name=v.name)
-        v.overrides, v.tags = new.overrides, new.tags
-        s.released.discard(v.id)
-        self.notify(f"Variant {v.name} had been set aside to keep memory within the budget; it was rebuilt "
-                    "from its recipe (identical to before).")
 
     # ---- session expiry ----------------------------------------------------------------------------
     def expire_idle(self, now: float | None = None) -> list[str]:

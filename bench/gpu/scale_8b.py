@@ -82,11 +82,11 @@ def place(model, device: str, cap: int | None):
 
 
 def run_jobs(lm, jobs, ids_scan, ids_gptq, out):
-    from workbench.engine import eval as ev
+    from workbench.engine import evaluate as ev
     from workbench.engine.analysis import influence
     from workbench.engine.ops import quantize as Q
     from workbench.engine.recipe import OpContext, apply_steps, step_from_dict
-    from workbench.engine.workspace import original_variant
+    from workbench.engine.variant import original_variant
 
     n = lm.num_blocks
     v0 = original_variant(n)

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +30,7 @@ from ..block_stream import (  # noqa: F401  (prompt_ids, token_labels, DEFAULT_P
 )
 from ..errors import UnsupportedArchitecture, WorkbenchError
 from ..loading import LoadedModel
-from ..workspace import Variant
+from ..variant import Variant
 
 log = logging.getLogger(__name__)
 
@@ -243,27 +242,3 @@ def analyze_attention(
     cap.notes.extend(notes)
     sub = (lambda f, m: progress(0.3 + 0.7 * f, m)) if progress else None
     return cap, attention_report(cap, damping, skip_first, tol, progress=sub)
-
-
-def cached_attention(
-    lm: LoadedModel,
-    variant: Variant,
-    prompt: str | None = None,
-    max_tokens: int | None = 512,
-    damping: float = DEFAULT_DAMPING,
-    skip_first: bool = False,
-    progress=None,
-) -> tuple[AttentionCapture, dict]:
-    """`analyze_attention`, remembered on the loaded model for the last two (variant, prompt, options):
-    a panel switching layer or head redraws without re-running the model. A 512-token capture of a
-    30-layer, 9-head model holds ~280 MB, hence only two."""
-    cache = lm.__dict__.setdefault("_attention_cache", OrderedDict())
-    key = (variant.id, prompt or "", max_tokens, damping, skip_first)
-    if key in cache:
-        cache.move_to_end(key)
-        return cache[key]
-    res = analyze_attention(lm, variant, prompt, max_tokens, damping, skip_first, progress=progress)
-    cache[key] = res
-    while len(cache) > 2:
-        cache.popitem(last=False)
-    return res

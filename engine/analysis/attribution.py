@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UnsupportedArchitecture, WorkbenchError
 from ..loading import LoadedModel
-from ..workspace import Variant, original_variant
+from ..variant import Variant, original_variant
 from ..block_stream import isolated_view, prompt_ids, run_stack, token_labels
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import WorkbenchError
 from ..loading import LoadedModel
-from ..workspace import Variant
+from ..variant import Variant
 from .outliers import calibration_pass
 
 log = logging.getLogger(__name__)

@@ -30,11 +30,12 @@ from torch import nn
 from ..errors import BlockIndexError, Cancelled, UnsupportedArchitecture, WorkbenchError
 from ..block_stream import BlockCall, map_call, run_block, trace_blocks
 from ..loading import LoadedModel
-from ..workspace import Variant, block_modules, view_model
+from ..variant import Variant, block_modules, view_model
 from . import influence_math as im
 
 log = logging.getLogger(__name__)
 
+# Every metric here scores a block so that higher = more important (the removal order takes the lowest).
 METRICS = {
     "mi": "Macro Influence (FuseGPT): 1 - cos(last hidden state, same without the block); iterative plan",
     "bi": "Block influence (ShortGPT): 1 - cos(block input, block output)",
@@ -241,7 +242,7 @@ def block_scores(
 ) -> dict:
     """Importance of every block the variant keeps, by `metric` (see METRICS; higher = more important).
 
-    -> {"metric", "values" (per ORIGINAL block, None if dropped), "higher_is_more_important", "unit",
+    -> {"metric", "values" (per ORIGINAL block, None if dropped), "unit",
         "blocks" (kept original indices), "block_passes", "seconds", ...metric extras}."""
     _check_metric(metric)
     t0 = time.perf_counter()
@@ -251,7 +252,7 @@ def block_scores(
     st = variant_states(lm, variant, ids)
     _check(cancel)
     h = st.hidden()
-    res: dict = {"metric": metric, "higher_is_more_important": True, "blocks": list(st.blocks)}
+    res: dict = {"metric": metric, "blocks": list(st.blocks)}
     if metric == "bi":
         vals = [im.block_influence(h[p], h[p + 1]) for p in range(len(st.blocks))]
         res["unit"] = "1 - cosine"
@@ -380,7 +381,7 @@ def all_scores(lm: LoadedModel, variant: Variant, ids: torch.Tensor, progress=No
     base = _logits_nll(lm, st.output, st.ids) if lm.adapter.lm_head(lm.model) is not None else None
     wanted = {"mi"} | ({"ppl"} if base is not None else set())
     scan = _scan_values(lm, st, wanted, max_rows, progress, cancel)
-    common = {"higher_is_more_important": True, "blocks": list(st.blocks), "block_passes": st.passes,
+    common = {"blocks": list(st.blocks), "block_passes": st.passes,
               "tokens": int(st.ids.numel())}
     out = {
         "mi": {"metric": "mi", "values": _per_block(n, st.blocks, scan["mi"]), "unit": "1 - cosine", **common},

@@ -24,7 +24,7 @@ import torch
 from ..errors import WorkbenchError
 from ..block_stream import check_cancel, forward_base, isolated_view, owned_hooks, point_hooks, view_blocks
 from ..loading import LoadedModel
-from ..workspace import Variant
+from ..variant import Variant
 from .attention import attention_probs_of
 
 log = logging.getLogger(__name__)
@@ -332,18 +332,8 @@ def outlier_blocks(
     return [flagged[i] for i in sorted(flagged)]
 
 
-def outlier_stats_cached(lm: LoadedModel, variant: Variant, ids: torch.Tensor, progress=None, cancel=None) -> dict:
-    """`outlier_stats`, remembered on the loaded model per (variant id, ids) so panels share one pass."""
-    cache = lm.__dict__.setdefault("_outlier_cache", {})
-    key = (variant.id, tuple(ids.shape), int(ids.sum()), int(ids[:, 0].sum()))
-    if key not in cache:
-        if len(cache) >= 8:
-            cache.pop(next(iter(cache)))
-        cache[key] = outlier_stats(lm, variant, ids, progress=progress, cancel=cancel)
-    return cache[key]
-
-
-def blocks_with_outliers(lm: LoadedModel, variant: Variant, ids: torch.Tensor, **rule) -> list[int]:
-    """Original indices of the blocks `outlier_blocks` flags (statistics cached per variant and ids):
+def blocks_with_outliers(lm: LoadedModel, variant: Variant, ids: torch.Tensor, stats: dict | None = None,
+                         **rule) -> list[int]:
+    """Original indices of the blocks `outlier_blocks` flags (from `stats` where the caller has them):
     the one call the quantize panel needs. `rule` passes thresholds on to `outlier_blocks`."""
-    return [f["block"] for f in outlier_blocks(outlier_stats_cached(lm, variant, ids), **rule)]
+    return [f["block"] for f in outlier_blocks(stats or outlier_stats(lm, variant, ids), **rule)]

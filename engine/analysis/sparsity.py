@@ -7,7 +7,7 @@ from one pass of the unpruned model over the calibration text and are reused by 
 (Wanda's own code re-collects them block by block on the partly pruned model; the curve and the applied
 step use the same one-pass statistics, so a point of the curve is exactly what applying gives).
 
-The evaluation subset is traced once through the original (`eval.reference_cache`: the hidden state
+The evaluation subset is traced once through the original (`evaluate.reference_cache`: the hidden state
 entering each block, the original's log-probabilities) and every point is evaluated from its first
 changed block; the calibration statistics and the per-group thresholds for all the sweep's sparsities
 are computed once (`ops.sparsify.Pruner`). Masks are the pure functions of `masks.py`.
@@ -24,7 +24,7 @@ import torch
 
 from .. import data
 from ..block_stream import check_cancel
-from ..eval import QuickCache, reference_cache
+from ..evaluate import QuickCache, reference_cache
 from ..loading import LoadedModel
 from ..masks import (  # noqa: F401  (callers read the method and pattern names here)
     DEFAULT_SCOPE,
@@ -43,7 +43,7 @@ from ..ops.sparsify import (  # noqa: F401  (the sweep builds its points with th
     prunable_linears,
     sparse_tag,
 )
-from ..workspace import Variant, original_variant
+from ..variant import Variant, original_variant
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ DEFAULT_TOLERANCE = 0.01
 @dataclass
 class EvalSet:
     """A stated evaluation subset, traced once through the original model: the engine's one traced
-    evaluator (`eval.QuickCache`: block inputs, the original's log-probabilities) on these tokens."""
+    evaluator (`evaluate.QuickCache`: block inputs, the original's log-probabilities) on these tokens."""
 
     reference: QuickCache
     source: str
@@ -191,7 +191,7 @@ def sweep(lm: LoadedModel, cfg: SweepConfig | None = None, variant: Variant | No
     say = progress or (lambda f, m: None)
     targets = prunable_linears(lm, variant, cfg.blocks)
     if "wanda" in cfg.methods and calib_ids is None:
-        calib_ids = data.calibration_ids(lm.tokenizer, data.Calibration(source=cfg.source)).to(lm.device)
+        calib_ids = data.calibration_ids_on(lm, data.Calibration(source=cfg.source))
     say(0.0, "tracing the evaluation subset")
     es = es or eval_set(lm, cfg.source, cfg.eval_tokens, cfg.seq_len)
     base = evaluate(lm, variant, es)
@@ -267,7 +267,7 @@ def sensitivity(lm: LoadedModel, method: str = "magnitude", sparsity: float = 0.
     say = progress or (lambda f, m: None)
     targets = prunable_linears(lm, variant, blocks, types)
     if method == "wanda" and calib_ids is None:
-        calib_ids = data.calibration_ids(lm.tokenizer, data.Calibration(source=source)).to(lm.device)
+        calib_ids = data.calibration_ids_on(lm, data.Calibration(source=source))
     t0 = time.perf_counter()
     es = es or eval_set(lm, source, tokens, min(DEFAULT_SEQ_LEN, tokens or DEFAULT_SEQ_LEN))
     pruner = Pruner(lm, variant, targets, calib_ids)

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import get_path, linear_weight, set_linear_weight
-from ..data import Calibration, calibration_ids
+from ..data import Calibration, calibration_ids_on
 from .. import fields
 from ..errors import BlockIndexError, RecipeError
 from ..block_stream import Stream, run_block, slice_call, trace_blocks
 from ..recipe import OpContext, Step, register
-from ..workspace import DROP, Variant, copy_block, current_block, view_model
+from ..variant import DROP, Variant, copy_block, current_block, view_model
 from .fuse_linear import COEF_MODES, FuseLinear
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def fuse_blocks(ctx: OpContext, variant: Variant, step: FuseBlocks):
     t0 = time.perf_counter()
     calib = Calibration(source=ctx.calibration.source, samples=step.samples, seq_len=step.seq_len,
                         seed=ctx.calibration.seed, bos=ctx.calibration.bos)
-    ids = calibration_ids(lm.tokenizer, calib).to(lm.device)
+    ids = calibration_ids_on(lm, calib)
     trace = trace_blocks(lm.model, lm.adapter, ids)  # h_0 and every block's call arguments
     stream = Stream(lm, trace, cancel=ctx.cancel)  # the current variant's input of each group
     guard = _OutputGuard(lm, Calibration(source=calib.source, samples=step.guard_samples, seq_len=step.seq_len,
@@ -167,13 +167,13 @@ def fuse_blocks(ctx: OpContext, variant: Variant, step: FuseBlocks):
         if step.blocks:
             b, mi = step.blocks[t], None
         else:
-            ctx.report(base, f"fuse {t + 1}/{n}: Macro Influence of {len(cur.kept())} blocks")
+            ctx.progress_to(base, f"fuse {t + 1}/{n}: Macro Influence of {len(cur.kept())} blocks")
             b, mi = _lowest_mi(step, ctx, cur, ids[: step.mi_samples], base, 1 / n)
         cur, rep = _fuse_one(step, ctx, cur, b, trace, stream, guard, base, 1 / n, f"fuse {t + 1}/{n}")
         rep["mi"] = mi
         order.append(b)
         per_block.append(rep)
-    ctx.report(1.0, f"fused {order}")
+    ctx.progress_to(1.0, f"fused {order}")
     report = {
         "op": step.op,
         "blocks": order,
@@ -192,11 +192,11 @@ def _lowest_mi(step: FuseBlocks, ctx: OpContext, variant: Variant, ids, base: fl
     from ..analysis.influence import block_scores
 
     def prog(frac, msg):
-        ctx.report(base + 0.2 * span * frac, f"Macro Influence: {msg}")
+        ctx.progress_to(base + 0.2 * span * frac, f"Macro Influence: {msg}")
 
     res = block_scores(ctx.lm, variant, ids, metric="mi", progress=prog, cancel=ctx.cancel)
     vals = [(v, i) for i, v in enumerate(res["values"]) if v is not None]
-    v, i = min(vals) if res.get("higher_is_more_important", True) else max(vals)
+    v, i = min(vals)  # every metric: higher = more important
     return i, float(v)
 
 
@@ -289,7 +289,7 @@ def _train(step: FuseBlocks, ctx: OpContext, forward, coef, other, n_rows: int, 
     with torch.no_grad():
         loss_start = float(forward(slice(None)))
     history.append([0, loss_start])
-    ctx.report(t_train, f"{label}: step 0/{step.steps} loss {loss_start:.4g}")
+    ctx.progress_to(t_train, f"{label}: step 0/{step.steps} loss {loss_start:.4g}")
     # The best state seen (by the loss over one pass of the data, measured before each update);
     # Adam at a high rate can overshoot on some groups, and a fusion must never end worse than removal.
     kept_state, kept_loss = [p.detach().clone() for p in params], loss_start
@@ -307,7 +307,7 @@ def _train(step: FuseBlocks, ctx: OpContext, forward, coef, other, n_rows: int, 
         sched.step()
         history.append([it, value])
         frac = t_train + (base + span - t_train) * it / max(1, step.steps)
-        ctx.report(min(frac, base + span), f"{label}: step {it}/{step.steps} loss {value:.4g}")
+        ctx.progress_to(min(frac, base + span), f"{label}: step {it}/{step.steps} loss {value:.4g}")
         window = (window + [value])[-len(starts):]
         if it >= len(starts):
             smooth = sum(window) / len(window)
@@ -332,7 +332,7 @@ class _OutputGuard:
 
     def __init__(self, lm, calib: Calibration):
         self.lm = lm
-        self.ids = calibration_ids(lm.tokenizer, calib).to(lm.device)
+        self.ids = calibration_ids_on(lm, calib)
         self.tokens = int(self.ids[:, 1:].numel())
         self.ref = self._logp(lm.model)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .. import fields
 from ..errors import RecipeError
 from ..recipe import OpContext, Step, register
-from ..workspace import Variant
+from ..variant import Variant
 
 
 @register

@@ -23,7 +23,7 @@ hooks (`HessianStats`) in `block_stream.py`; this module owns devices and swaps.
 A quantized block is a replacement module holding the dequantized weights (so every comparison runs at
 once, on any device). Each quantized linear carries `workbench_quant` (integer codes, scales, zero
 points, g_idx, scheme) for the compressed export; the block carries `workbench_nbytes`, its packed size,
-which `eval.size_of` reports. Several steps combine (mixed precision); a block quantized again is
+which `evaluate.size_of` reports. Several steps combine (mixed precision); a block quantized again is
 re-solved from the module it was quantized from, not from its dequantized weights.
 """
 
@@ -41,7 +41,7 @@ from .. import fields
 from ..errors import RecipeError
 from ..block_stream import BlockCall, HessianStats, Stream, owned_hooks, run_chunked, trace_blocks
 from ..recipe import OpContext, Step, register
-from ..workspace import DROP, Variant, copy_block
+from ..variant import DROP, Variant, copy_block
 from . import gptq as solver
 
 log = logging.getLogger(__name__)
@@ -352,14 +352,14 @@ def rtn_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme: solv
     new = variant.derive()
     per_block = {}
     for done, i in enumerate(blocks):
-        ctx.report(done / len(blocks), f"quantize: block {i} (rtn {scheme.bits}-bit, no calibration)")
+        ctx.progress_to(done / len(blocks), f"quantize: block {i} (rtn {scheme.bits}-bit, no calibration)")
         src = _source_module(lm, variant, i)
         q_block, per_block[i] = rtn_block(src, lm.adapter, scheme)
         object.__setattr__(q_block, "workbench_quant_source", src)
         new.overrides[i] = q_block
         new.tags[i] = _tag(scheme.bits, scheme.group_size, scheme.gguf)
     report = _report("rtn", scheme, per_block, 0, sequential=False, true_sequential=False, t0=t0)
-    ctx.report(1.0, f"quantize: {len(per_block)} blocks done")
+    ctx.progress_to(1.0, f"quantize: {len(per_block)} blocks done")
     return new, report
 
 
@@ -428,16 +428,15 @@ def quantize_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme:
     check_group_size(lm, variant, blocks, scheme)
     t0 = time.perf_counter()
     ids = ctx.calib_ids()
-    ctx.report(0.0, f"quantize: tracing {ids.numel()} calibration tokens")
+    ctx.progress_to(0.0, f"quantize: tracing {ids.numel()} calibration tokens")
     trace = trace_blocks(lm.model, lm.adapter, ids)
     # The carrier: each chosen block is calibrated on what the blocks before it (quantized ones included,
     # when sequential) feed it; unchanged blocks before the variant's first change come from the trace.
-    stream = Stream(lm, trace, batch=CALIB_BATCH, cancel=ctx.cancel)
+    stream = Stream(lm, trace, batch=CALIB_BATCH, cancel=ctx.cancel, progress=ctx.progress_to)
     new = variant.derive()
     per_block: dict[int, dict] = {}
-    for done, i in enumerate(sorted(set(blocks))):
-        h = stream.input_of(new if sequential else variant, i)
-        ctx.report(done / len(blocks), f"quantize: block {i} ({method} {scheme.bits}-bit)")
+    for i, h in stream.each(blocks, lambda: new if sequential else variant,
+                            lambda i: f"quantize: block {i} ({method} {scheme.bits}-bit)"):
         src = _source_module(lm, variant, i)
         q_block, rep = quantize_block(src, lm.adapter, h, trace.calls[i], scheme, method, true_sequential)
         # A plain attribute (not a registered submodule): sizes and state dicts ignore it.
@@ -448,5 +447,5 @@ def quantize_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme:
         if sequential:
             stream.changed_from(i)  # the quantized output feeds the next block
     report = _report(method, scheme, per_block, ids.numel(), sequential, true_sequential, t0)
-    ctx.report(1.0, f"quantize: {len(per_block)} blocks done")
+    ctx.progress_to(1.0, f"quantize: {len(per_block)} blocks done")
     return new, report

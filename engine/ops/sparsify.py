@@ -32,7 +32,7 @@ from ..errors import RecipeError
 from ..loading import LoadedModel
 from ..plan import linear_value
 from ..recipe import OpContext, Step, register
-from ..workspace import Variant, copy_block, current_block, view_model
+from ..variant import Variant, copy_block, current_block, view_model
 
 
 # ---- targets and calibration statistics ------------------------------------------------------------
@@ -335,12 +335,12 @@ def sparsify(ctx: OpContext, variant: Variant, step: Sparsify):
     """Apply one `Sparsify` step to `variant`: scores, masks, pruned copies, the sparsity measured.
     -> (new variant, report, resolved step)."""
     lm = ctx.lm
-    ctx.report(0.0, f"sparsify: {step.method} {step.pattern} {step.sparsity * 100:.0f}%")
+    ctx.progress_to(0.0, f"sparsify: {step.method} {step.pattern} {step.sparsity * 100:.0f}%")
     targets = prunable_linears(lm, variant, step.blocks)
     calib = ctx.calib_ids() if step.method == "wanda" else None
     pruner = Pruner(lm, variant, targets, calib)
     masks = pruner.masks(step.method, step.sparsity, step.pattern, step.scope)
-    ctx.report(0.6, "sparsify: writing pruned copies")
+    ctx.progress_to(0.6, "sparsify: writing pruned copies")
     new, weights = build_pruned(lm, variant, targets, masks, sparse_tag(step.sparsity, step.pattern))
     meas = measured_sparsity(targets, weights)
     blocks = sorted({t.block for t in targets})

@@ -27,23 +27,24 @@ def add_parser(sub) -> None:
 
 def run(args) -> dict:
     from workbench.engine.analysis.influence import ITERATIVE, angular_distances, block_scores, removal_plan
-    from workbench.engine.data import calibration_ids
+    from workbench.engine.data import calibration_ids_on
 
     if args.samples is None and args.recipe is None:
         args.samples = INFLUENCE_SAMPLES
     if args.seq_len is None and args.recipe is None:
         args.seq_len = INFLUENCE_SEQ_LEN
     lm, variant, recipe, calib = open_session(args)
-    ids = calibration_ids(lm.tokenizer, calib).to(lm.device)
+    ids = calibration_ids_on(lm, calib)
     plan = None
     if args.iterative is not None:
         plan = removal_plan(lm, variant, ids, args.metric, args.iterative, progress=stderr_progress)
     if plan is not None and args.metric in ITERATIVE:
         # the plan's first step scored every block of the variant: no second scan
-        result = {"metric": args.metric, "values": plan["steps"][0], "higher_is_more_important": True,
+        result = {"metric": args.metric, "values": plan["steps"][0],
                   "unit": plan["unit"], "block_passes": plan["block_passes"], "seconds": plan["seconds"]}
     else:
         result = block_scores(lm, variant, ids, args.metric, progress=stderr_progress, last_token=args.last_token)
+    result["higher_is_more_important"] = True  # kept in the JSON for outside scripts; true of every metric
     if args.metric == "angular":
         result["runs"] = angular_distances(lm, variant, ids, last_token=args.last_token)
     if plan is not None:

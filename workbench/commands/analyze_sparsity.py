@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> dict:
     from workbench.engine.analysis import sparsity as sp
-    from workbench.engine.data import calibration_ids
+    from workbench.engine.data import calibration_ids_on
 
     blocks = tuple(args.blocks)
     cfg = sp.SweepConfig(methods=args.methods, patterns=args.patterns, points=args.points,
@@ -45,10 +45,10 @@ def run(args) -> dict:
     lm, variant, recipe, calib = open_session(args)
     variant.check_indices(blocks)  # before the sweep, not after it
     cfg = sp.SweepConfig(**{**cfg.__dict__, "source": calib.source})
-    ids = calibration_ids(lm.tokenizer, calib).to(lm.device) if "wanda" in cfg.methods else None
+    ids = calibration_ids_on(lm, calib) if "wanda" in cfg.methods else None
     result = sp.sweep(lm, cfg, variant=variant, calib_ids=ids, progress=stderr_progress)
     if args.sensitivity is not None:
-        sids = ids if args.sensitivity_method != "wanda" else calibration_ids(lm.tokenizer, calib).to(lm.device)
+        sids = ids if args.sensitivity_method != "wanda" else calibration_ids_on(lm, calib)
         result["sensitivity"] = sp.sensitivity(lm, args.sensitivity_method, args.sensitivity, variant=variant,
                                                blocks=blocks or None, calib_ids=sids, source=calib.source,
                                                progress=stderr_progress)

@@ -78,10 +78,10 @@ def run_attention(args) -> dict:
 
 def run_outliers(args) -> dict:
     from workbench.engine.analysis.outliers import outlier_blocks, outlier_stats
-    from workbench.engine.data import calibration_ids
+    from workbench.engine.data import calibration_ids_on
 
     lm, variant, recipe, calib = open_session(args)
-    ids = calibration_ids(lm.tokenizer, calib).to(lm.device)
+    ids = calibration_ids_on(lm, calib)
     result = outlier_stats(lm, variant, ids, top_k=args.top_k, progress=stderr_progress)
     result["outlier_blocks"] = outlier_blocks(result)
     units = {"inf_norm": "activation units (max |x| per sample, mean over samples)",
@@ -92,10 +92,10 @@ def run_outliers(args) -> dict:
 
 def run_map(args) -> dict:
     from workbench.engine.analysis.embedding_map import analyze_map
-    from workbench.engine.data import calibration_ids
+    from workbench.engine.data import calibration_ids_on
 
     lm, variant, recipe, calib = open_session(args)
-    ids = calibration_ids(lm.tokenizer, calib).to(lm.device)
+    ids = calibration_ids_on(lm, calib)
     result = analyze_map(lm, variant, ids, seed=calib.seed, progress=stderr_progress)
     return document("analyze map", args, lm, recipe, calib, result, {"xy": "arbitrary embedding units"})
 

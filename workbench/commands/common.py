@@ -82,7 +82,7 @@ def open_session(args, quiet_calibration: bool = False):
     from workbench.engine.data import Calibration
     from workbench.engine.loading import load_model
     from workbench.engine.recipe import Recipe, apply_steps, OpContext
-    from workbench.engine.workspace import original_variant
+    from workbench.engine.variant import original_variant
 
     recipe = Recipe.from_file(args.recipe) if getattr(args, "recipe", None) else Recipe()
     spec = args.model or recipe.model or "default"  # --model wins over the recipe's model

@@ -23,7 +23,7 @@ from .errors import Cancelled
 from .block_stream import BlockTrace, run_span, trace_blocks
 from .loading import LoadedModel
 from .plan import LOGIT_CHUNK_BYTES  # defined beside the memory plan that counts it (no import cycle)
-from .workspace import Variant, block_modules, view_model
+from .variant import Variant, block_modules, view_model
 
 QUICK_CACHE_BUDGET_BYTES = 512 * 2**20  # stated budget for one model's quick-set cache
 
@@ -66,7 +66,7 @@ def stream_sums(logits_fn, vocab: int, targets: torch.Tensor, ref_hidden: torch.
         out["ref_nll"] -= ref.gather(-1, t).sum().item()
         if var_rows is None:
             continue
-        s = compare(ref, logits_fn(var_rows[a : a + step]), t[:, 0])
+        s = logit_sums(ref, logits_fn(var_rows[a : a + step]), t[:, 0])
         for k in ("kl", "agree", "nll"):
             out[k] += s[k]
     if var_rows is None:
@@ -97,8 +97,8 @@ class QuickCache:
             t.numel() * t.element_size() for t in (self.ref_logp, self.ref_negent, self.ref_psum, self.ref_top1)
         )
 
-    def compare_hidden(self, lm: LoadedModel, hidden: torch.Tensor) -> dict:
-        """`compare` from the variant's last hidden state (B, T, d), a chunk of tokens at a time."""
+    def sums_from_hidden(self, lm: LoadedModel, hidden: torch.Tensor) -> dict:
+        """`logit_sums` from the variant's last hidden state (B, T, d), a chunk of tokens at a time."""
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         step = chunk_tokens(_vocab(lm))
         flat = {k: getattr(self, k).reshape(h.shape[0], *getattr(self, k).shape[2:])
@@ -120,17 +120,13 @@ class QuickCache:
             n = targets.numel()
             return {"kl": 0.0, "agree": float(n), "nll": self.ref_nll * n, "n": n}
         start = variant.first_change() if start is None else start
-        return self.compare_hidden(lm, run_from(lm, variant, self.trace, start))
+        return self.sums_from_hidden(lm, run_from(lm, variant, self.trace, start))
 
     def evaluate(self, lm: LoadedModel, variant: Variant, start: int | None = None) -> dict:
         """{"ppl", "kl", "top1", "nll"} of `variant` on the cached tokens (see `sums`)."""
         if variant.is_identity():  # exactly the reference's own figures
             return {"ppl": math.exp(self.ref_nll), "kl": 0.0, "top1": 1.0, "nll": self.ref_nll}
         return _summarise(self.sums(lm, variant, start))
-
-    def compare(self, logits: torch.Tensor) -> dict:
-        """Sums over the quick tokens, as `compare` returns them, from the variant's logits (B, T-1, V)."""
-        return self._sums(logits, self.ids[:, 1:], self.ref_logp, self.ref_negent, self.ref_psum, self.ref_top1)
 
     @staticmethod
     def _sums(logits, targets, ref_logp, ref_negent, ref_psum, ref_top1) -> dict:
@@ -142,9 +138,6 @@ class QuickCache:
         nll = lse - logits.gather(-1, targets[..., None]).squeeze(-1)
         agree = (logits.argmax(-1) == ref_top1).float()
         return {"kl": kl.sum().item(), "agree": agree.sum().item(), "nll": nll.sum().item(), "n": targets.numel()}
-
-
-_cache_lock = threading.Lock()
 
 
 @torch.no_grad()
@@ -174,15 +167,12 @@ def reference_cache(lm: LoadedModel, ids: torch.Tensor) -> QuickCache:
 
 
 def quick_cache(lm: LoadedModel) -> QuickCache:
-    """Build (once per loaded model, thread-safe) the quick set's cached trace and reference."""
-    with _cache_lock:
-        qc = getattr(lm, "_quick_cache", None)
-        if qc is None:
-            qc = reference_cache(lm, data.quick_ids(lm.tokenizer).to(lm.device))
-            if qc.nbytes() > QUICK_CACHE_BUDGET_BYTES:
-                raise MemoryError(f"quick cache needs {qc.nbytes() / 2**20:.0f} MiB, over its budget")
-            lm._quick_cache = qc
-        return qc
+    """Build the quick set's trace and the original's reference (a Workspace keeps one per model, pinned in
+    its shared result cache; a caller evaluating many variants alone keeps the one it built)."""
+    qc = reference_cache(lm, data.quick_ids(lm.tokenizer).to(lm.device))
+    if qc.nbytes() > QUICK_CACHE_BUDGET_BYTES:
+        raise MemoryError(f"quick cache needs {qc.nbytes() / 2**20:.0f} MiB, over its budget")
+    return qc
 
 
 @torch.no_grad()
@@ -191,7 +181,7 @@ def run_from(lm: LoadedModel, variant: Variant, trace: BlockTrace, start: int) -
     return run_span(lm.model, lm.adapter, variant, trace, start)
 
 
-def compare(ref_logp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict:
+def logit_sums(ref_logp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict:
     """Sums over tokens: KL(ref || var) in nats, top-1 agreements, variant NLL; and the token count."""
     logp = F.log_softmax(logits.float(), dim=-1)
     ref = ref_logp.float()
@@ -225,10 +215,11 @@ def _unique_params(model):
 
 
 @torch.no_grad()
-def quick_eval(lm: LoadedModel, variant: Variant) -> dict:
-    """KL, top-1 agreement and (noisy) perplexity on the quick set, from the first changed block on."""
+def quick_eval(lm: LoadedModel, variant: Variant, reference: QuickCache | None = None) -> dict:
+    """KL, top-1 agreement and (noisy) perplexity on the quick set, from the first changed block on.
+    `reference`: the quick_cache(lm) to compare against (built here when not given)."""
     t0 = time.perf_counter()
-    qc = quick_cache(lm)
+    qc = reference or quick_cache(lm)
     s = qc.sums(lm, variant)
     out = _summarise(s)
     out.update(size_of(lm, variant))
