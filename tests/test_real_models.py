@@ -89,7 +89,7 @@ def test_gemma3_exports_to_gguf_with_its_sentencepiece_tokenizer(gemma_lm, tmp_p
 
     from tiny import SPM_TEXTS
     from workbench.engine.export_gguf import export_gguf
-    from workbench.engine.workspace import original_variant, view_model
+    from workbench.engine.variant import original_variant, view_model
 
     lm = gemma_lm
     n = lm.num_blocks
