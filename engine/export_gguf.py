@@ -9,8 +9,11 @@ What goes in (our code; the conventions learnt from llama.cpp's `convert_hf_to_g
 - llama.cpp's conventions where they differ from transformers': the Llama-family (llama, mistral) q/k
   row permutation (rotary halves interleaved; a row permutation, so quantized codes move with their rows),
   Gemma's norm weights stored as 1 + w;
-- the tokenizer: vocabulary with token types, merges, special token ids, add-BOS flag, chat template.
-  Byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama 3, Qwen) only; others are refused with a reason.
+- the tokenizer: vocabulary with token types, merges, special token ids, add-BOS/EOS flags, chat template.
+  Byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama 3, Qwen) as llama.cpp's "gpt2" model;
+  SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Gemma) as its "llama" model, with scores
+  that reproduce the merge order, <0xNN> byte tokens typed BYTE and the space-prefix flag; others are
+  refused with a reason.
 
 Tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1. The block linears take the requested type;
 norms and biases stay F32 (llama.cpp wants them so); embeddings and the output head take F16 in a
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import bos_id
 from .errors import ExportError
 from .export_common import model_card, model_sources, step_card_notes, write_side_files
 from .export_files import ties_embeddings
@@ -235,51 +240,139 @@ def _pre_tokenizer_name(tok_json: dict) -> str:
     return "default"
 
 
-def _write_tokenizer(w, tokenizer, n_vocab: int) -> list[str]:
-    """Vocabulary, types, merges, special ids, chat template. -> notes for the card."""
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _tokenizer_kind(tj: dict) -> str:
+    """'gpt2' (byte-level BPE: SmolLM, Llama 3, Qwen) or 'llama' (SentencePiece-style BPE with byte fallback:
+    Llama 2, Mistral, Gemma); anything else is refused with what it is."""
+    model = tj.get("model", {})
+    if model.get("type") == "BPE" and "ByteLevel" in json.dumps(tj.get("pre_tokenizer")):
+        return "gpt2"
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return "llama"
+    raise ExportError("the GGUF export writes byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama 3, Qwen) and "
+                      "SentencePiece-style BPE tokenizers with byte fallback (Llama 2, Mistral, Gemma); this one "
+                      f"is {model.get('type')} (byte_fallback {bool(model.get('byte_fallback'))}) with another "
+                      "pre-tokenizer")
+
+
+def _adds_space_prefix(tj: dict) -> bool:
+    """Whether the tokenizer puts a \u2581 before the text (Llama 2 / Mistral do, Gemma does not): a Prepend
+    normalizer, or a Metaspace pre-tokenizer that prepends."""
+    def walk(node, key):
+        if not isinstance(node, dict):
+            return []
+        kids = node.get(key) or []
+        return [node] + [n for k in kids for n in walk(k, key)]
+
+    for n in walk(tj.get("normalizer"), "normalizers"):
+        if n.get("type") == "Prepend" and n.get("prepend") == "\u2581":
+            return True
+    for n in walk(tj.get("pre_tokenizer"), "pretokenizers"):
+        if n.get("type") == "Metaspace":
+            scheme = n.get("prepend_scheme", "always" if n.get("add_prefix_space", True) else "never")
+            return scheme in ("first", "always")
+    return False
+
+
+def _merge_pairs(model: dict) -> list[tuple[str, str]]:
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+
+
+def spm_scores(tokens: list[str], merges: list[tuple[str, str]]) -> list[float]:
+    """llama.cpp's SentencePiece tokenizer merges, at each step, the adjacent pair whose joined piece has the
+    highest score; a BPE's merges apply in rank order. So score = -(rank of the first merge that makes the
+    piece) reproduces the merge order (for a BPE converted from SentencePiece, whose merges are every split
+    of each piece, sorted by the piece's score). Pieces no merge makes (single characters, bytes, specials)
+    score below every merge."""
+    first: dict[str, int] = {}
+    for rank, (a, b) in enumerate(merges):
+        first.setdefault(a + b, rank)
+    floor = -float(len(merges) + 1)
+    return [-float(first[t]) if t in first else floor for t in tokens]
+
+
+def _vocab_lists(tokenizer, tj: dict, n_vocab: int, kind: str):
+    """(tokens, types) for ids 0..n_vocab-1: ids the tokenizer lacks become UNUSED [PADn] padding."""
     import gguf
 
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ExportError("the GGUF export needs a fast (tokenizers) tokenizer with a byte-level BPE vocabulary")
-    tj = json.loads(backend.to_str())
-    model = tj.get("model", {})
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("pre_tokenizer")):
-        raise ExportError("the GGUF export writes byte-level BPE tokenizers (GPT-2 style, as SmolLM, Llama 3, "
-                          f"Qwen use); this one is {model.get('type')} with another pre-tokenizer")
     vocab = tokenizer.get_vocab()
     by_id = {i: t for t, i in vocab.items()}
     added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    unk = getattr(tokenizer, "unk_token_id", None) if kind == "llama" else None
     tokens, types = [], []
     for i in range(n_vocab):
         t = by_id.get(i)
         if t is None:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(t)
+        if i == unk:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif kind == "llama" and _BYTE_TOKEN.fullmatch(t):
+            types.append(gguf.TokenType.BYTE)  # byte fallback: llama.cpp looks these up by their text
         elif i in added:
-            tokens.append(t)
             types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
         else:
-            tokens.append(t)
             types.append(gguf.TokenType.NORMAL)
-    w.add_tokenizer_model("gpt2")
-    pre = _pre_tokenizer_name(tj)
-    w.add_tokenizer_pre(pre)
+    return tokens, types
+
+
+def _adds_bos_eos(tokenizer) -> tuple[bool, bool]:
+    """Whether the tokenizer adds BOS / EOS, as it does (its post-processor), not as an attribute says: a
+    Gemma tokenizer read from a cached folder adds BOS with `add_bos_token` False."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    try:
+        plain = tokenizer("Hello", add_special_tokens=False)["input_ids"]
+        special = tokenizer("Hello")["input_ids"]
+    except Exception:  # a tokenizer that cannot say: take it as adding nothing
+        return False, False
+    adds_eos = eos is not None and bool(special) and special[-1] == eos and (not plain or plain[-1] != eos)
+    return bos_id(tokenizer) is not None, adds_eos
+
+
+def _write_tokenizer(w, tokenizer, n_vocab: int) -> list[str]:
+    """Vocabulary, types, merges (and scores for a SentencePiece-style one), special ids, add-BOS/EOS and
+    space-prefix flags, chat template. -> notes for the card."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError("the GGUF export needs a fast (tokenizers) tokenizer: a byte-level BPE or a "
+                          "SentencePiece-style BPE with byte fallback")
+    tj = json.loads(backend.to_str())
+    kind = _tokenizer_kind(tj)
+    tokens, types = _vocab_lists(tokenizer, tj, n_vocab, kind)
+    merges = _merge_pairs(tj["model"])
+    notes = []
+    w.add_tokenizer_model(kind)
+    if kind == "gpt2":
+        pre = _pre_tokenizer_name(tj)
+        w.add_tokenizer_pre(pre)
+        if pre == "default":
+            notes.append("the tokenizer's pre-tokenizer is not one llama.cpp names; written as 'default' "
+                         "(llama.cpp then splits text with its default regex)")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    w.add_token_merges(merges)
+    if kind == "llama":
+        w.add_token_scores(spm_scores(tokens, merges))
+        w.add_add_space_prefix(_adds_space_prefix(tj))
+    # llama.cpp's SentencePiece tokenizer reads only the scores; the merges let transformers rebuild the
+    # exact BPE (a merge is written "a b", so a piece holding a space would be ambiguous: then none are)
+    if kind == "gpt2" or not any(" " in a or " " in b for a, b in merges):
+        w.add_token_merges([f"{a} {b}" for a, b in merges])
     for attr, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
                       ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
         v = getattr(tokenizer, attr, None)
         if isinstance(v, int) and 0 <= v < n_vocab:
             add(v)
-    w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    add_bos, add_eos = _adds_bos_eos(tokenizer)
+    w.add_add_bos_token(add_bos)
+    w.add_add_eos_token(add_eos)
     tmpl = getattr(tokenizer, "chat_template", None)
     if isinstance(tmpl, str) and tmpl:
         w.add_chat_template(tmpl)
-    return [] if pre != "default" else ["the tokenizer's pre-tokenizer is not one llama.cpp names; written as "
-                                        "'default' (llama.cpp then splits text with its default regex)"]
+    return notes
 
 
 # ---- writing --------------------------------------------------------------------------------------------

@@ -421,6 +421,63 @@ def test_gguf_tokenizer_and_chat_template_round_trip(tmp_path):
     assert tok.chat_template == lm.tokenizer.chat_template
 
 
+def _spm_lm(style, family, layers=4):
+    import transformers as tf
+    from tiny import tiny_config, tiny_spm_tokenizer
+    from workbench.engine.loading import wrap_model
+
+    tok0 = tiny_spm_tokenizer(style)
+    cfg = tiny_config(family, layers)
+    cfg.vocab_size = len(tok0)
+    if hasattr(cfg, "get_text_config"):
+        cfg.get_text_config().vocab_size = len(tok0)
+    torch.manual_seed(0)
+    return wrap_model(tf.AutoModelForCausalLM.from_config(cfg).eval(), tok0, spec=f"tiny-{family}-spm",
+                      device="cpu")
+
+
+@pytest.mark.parametrize("style,family", [("llama", "mistral"), ("llama", "llama"), ("gemma", "gemma3")])
+def test_gguf_sentencepiece_tokenizer_round_trips(style, family, tmp_path):
+    """A SentencePiece-style BPE with byte fallback goes out as llama.cpp's "llama" tokenizer: transformers
+    rebuilds it from our GGUF and encodes text with spaces, digits, non-ASCII (byte fallback) and newlines to
+    the in-app ids; the token types, scores and flags are what llama.cpp's SPM tokenizer reads."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from tiny import SPM_TEXTS
+    from workbench.engine.export_gguf import export_gguf
+
+    lm = _spm_lm(style, family)
+    v = original_variant(4).with_dropped([2])
+    out = export_gguf(lm, v, tmp_path / "s", {}, tensor_type="F32")
+    tok = AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
+    for text in SPM_TEXTS:
+        want = lm.tokenizer(text)["input_ids"]
+        assert tok(text)["input_ids"] == want, text
+        assert tok.decode(want, skip_special_tokens=True) == lm.tokenizer.decode(want, skip_special_tokens=True)
+    assert any(t.startswith("<0x") for t in lm.tokenizer.convert_ids_to_tokens(lm.tokenizer(SPM_TEXTS[3])["input_ids"]))
+    assert (tok.bos_token_id, tok.eos_token_id) == (lm.tokenizer.bos_token_id, lm.tokenizer.eos_token_id)
+    assert tok.chat_template == lm.tokenizer.chat_template
+    torch.testing.assert_close(_logits(_gguf_reload(out), IDS % len(tok)),
+                               _logits(view_model(lm.model, lm.adapter, v), IDS % len(tok)), rtol=1e-5, atol=1e-5)
+    # what llama.cpp reads, by hand from the tiny vocabulary
+    f = gguf.GGUFReader(str(out / "model.gguf")).fields
+    val = lambda k: f[k].contents()  # noqa: E731
+    assert val("tokenizer.ggml.model") == "llama"
+    vocab = lm.tokenizer.get_vocab()
+    types, scores = val("tokenizer.ggml.token_type"), val("tokenizer.ggml.scores")
+    T = gguf.TokenType
+    assert types[vocab["<unk>"]] == T.UNKNOWN and types[lm.tokenizer.bos_token_id] == T.CONTROL
+    assert types[vocab["<0x41>"]] == T.BYTE and types[vocab["\u2581hello"]] == T.NORMAL
+    # the merges, every split of a piece into two pieces, in the pieces' order: a piece scores -(its first rank)
+    merges = val("tokenizer.ggml.merges")
+    assert merges[:5] == ["h e", "l l", "\u2581 h", "ll o", "he llo"]
+    assert [scores[vocab[p]] for p in ("he", "ll", "\u2581h", "llo", "hello")] == [0.0, -1.0, -2.0, -3.0, -4.0]
+    assert scores[vocab["a"]] == scores[vocab["<0x41>"]] == -(len(merges) + 1)  # no merge makes them
+    assert bool(val("tokenizer.ggml.add_space_prefix")) == (style == "llama")
+    assert bool(val("tokenizer.ggml.add_bos_token")) and not bool(val("tokenizer.ggml.add_eos_token"))
+
+
 def test_gguf_size_shown_before_writing_matches_the_file(tmp_path):
     from workbench.engine.export_gguf import estimate_gguf_bytes, export_gguf
 
@@ -442,6 +499,13 @@ def test_gguf_refuses_what_it_cannot_write(tiny_lm, tmp_path):
         export_gguf(tiny_lm("gpt2"), original_variant(4), tmp_path / "x", {})
     with pytest.raises(ExportError, match="byte-level BPE"):
         export_gguf(tiny_lm("llama"), original_variant(4), tmp_path / "y", {})  # the stand-in byte tokenizer
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    uni = _tok_lm("llama")
+    uni.tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.Unigram([("a", -1.0), ("b", -2.0)])))
+    with pytest.raises(ExportError, match="this one is Unigram"):  # llama.cpp's SPM merges, it has no Viterbi
+        export_gguf(uni, original_variant(4), tmp_path / "u", {})
     with pytest.raises(ExportError, match="not one of"):
         export_gguf(_tok_lm("llama"), original_variant(4), tmp_path / "z", {}, tensor_type="Q2_K")
     assert not (tmp_path / "y").exists()
@@ -678,3 +742,38 @@ def test_compressed_tensors_reloads_score_like_the_variant_through_the_engines_f
     assert not _packed(back.model)
     torch.testing.assert_close(_logits(back.model, ids), _logits(view_model(lm.model, lm.adapter, v), ids),
                                rtol=1e-4, atol=1e-4)
+
+
+def llamacpp_tokenize(py: str, gguf_path, texts: list[str], tmp) -> list[list[int]]:
+    """llama.cpp's own token ids of `texts` (vocabulary only; BOS as the file's add-BOS flag says)."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "llamacpp_tokenize.py"
+    (tmp / "texts.json").write_text(json.dumps(texts))
+    r = subprocess.run([py, str(script), str(gguf_path), str(tmp / "texts.json"), str(tmp / "ids.json")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads((tmp / "ids.json").read_text())["ids"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style,family", [("llama", "mistral"), ("gemma", "gemma3")])
+def test_llamacpp_tokenizes_our_sentencepiece_gguf_like_the_app(style, family, tmp_path):
+    """llama.cpp's SentencePiece tokenizer, driven only by the scores, types and flags we write, gives the
+    in-app tokenizer's ids. Not for text that starts with a space under a prefixing (Llama 2 style)
+    tokenizer: SentencePiece and llama.cpp always prepend the space, transformers' Metaspace skips it when
+    the text already starts with one."""
+    py = llamacpp_python()
+    if py is None:
+        msg = f"llama-cpp-python is not built in {LLAMACPP_VENV} (README: GGUF export, building llama.cpp)"
+        print(f"SKIP: {msg}")
+        pytest.skip(msg)
+    from tiny import SPM_TEXTS
+    from workbench.engine.export_gguf import export_gguf
+
+    lm = _spm_lm(style, family)
+    out = export_gguf(lm, original_variant(4), tmp_path / "s", {}, tensor_type="F32")
+    texts = [t for t in SPM_TEXTS if style == "gemma" or not t.startswith(" ")]
+    got = llamacpp_tokenize(py, out / "model.gguf", texts, tmp_path)
+    assert got == [lm.tokenizer(t)["input_ids"] for t in texts]

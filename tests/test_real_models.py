@@ -78,3 +78,29 @@ def test_real_model_through_every_stage(which, request, tmp_path):
     if which == "gemma3":  # sliding/global layers follow the kept blocks
         kept = [i for i in range(n) if i not in (prune_b, fuse_b)]
         assert back.config.layer_types == [lm.model.config.layer_types[i] for i in kept]
+
+
+def test_gemma3_exports_to_gguf_with_its_sentencepiece_tokenizer(gemma_lm, tmp_path):
+    """The real Gemma 3 270M (a SentencePiece-style tokenizer with byte fallback) exports to GGUF, and
+    transformers reads it back with the in-app variant's logits and token ids. The last block is pruned:
+    transformers' GGUF reader rebuilds `layer_types` from Gemma 3's default pattern (it ignores the per-layer
+    sliding pattern we write, which llama.cpp reads), and that pattern still holds for blocks 0..n-2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tiny import SPM_TEXTS
+    from workbench.engine.export_gguf import export_gguf
+    from workbench.engine.variant import original_variant, view_model
+
+    lm = gemma_lm
+    n = lm.num_blocks
+    v = original_variant(n).with_dropped([n - 1])
+    out = export_gguf(lm, v, tmp_path / "g", {}, tensor_type="F32")
+    tok = AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
+    for text in SPM_TEXTS:
+        assert tok(text)["input_ids"] == lm.tokenizer(text)["input_ids"], text
+    back = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
+    assert back.config.layer_types == lm.model.config.layer_types[: n - 1]
+    probe = torch.tensor([lm.tokenizer(SPM_TEXTS[1])["input_ids"]])
+    with torch.no_grad():
+        want = view_model(lm.model, lm.adapter, v)(input_ids=probe).logits.float()
+        torch.testing.assert_close(back(input_ids=probe).logits.float(), want, rtol=1e-4, atol=1e-4)

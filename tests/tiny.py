@@ -110,3 +110,42 @@ def tiny_bpe_tokenizer(merges: tuple = ()):
     fast.add_special_tokens({"eos_token": byte_sym[0]})
     fast.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
     return fast
+
+
+SPM_TEXTS = ("Hello world", "hello  world\nHello, wörld! 123 4567", " leading space and\ttab", "naïve café 日本",
+             "world hello\n\nhello")
+
+
+def tiny_spm_tokenizer(style: str = "llama"):
+    """A SentencePiece-style BPE tokenizer with byte fallback, built with the tokenizers library the way a
+    SentencePiece model converts: pieces spelled with \u2581 for a space, 256 <0xNN> byte tokens for what no
+    piece covers, and as merges every split of each piece into two vocabulary pieces, in the pieces'
+    priority order. style "llama" (Llama 2 / Mistral: <unk> <s> </s>, a \u2581 prepended to the text) or
+    "gemma" (<pad> <eos> <bos> <unk>, no prefix, spaces replaced)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"] if style == "llama" else ["<pad>", "<eos>", "<bos>", "<unk>"]
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    chars = list("\u2581abcdefghijklmnopqrstuvwxyzHW0123456789,.!é")
+    pieces = ["he", "ll", "\u2581h", "llo", "hello", "\u2581hello", "or", "wor", "ld", "world", "\u2581w",
+              "\u2581world", "12", "123", "\u2581\u2581", "an", "\u2581a", "\u2581c", "af", "caf"]
+    vocab = {t: i for i, t in enumerate(specials + bytes_ + chars + pieces)}
+    merges = [(p[:k], p[k:]) for p in pieces for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab]
+    unk = "<unk>"
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    bos, eos = ("<s>", "</s>") if style == "llama" else ("<bos>", "<eos>")
+    tail = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if style == "llama":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence(tail + [decoders.Strip(" ", 1, 0)])
+    else:
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.decoder = decoders.Sequence(tail)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, vocab[bos])])
+    kw = {"pad_token": "<pad>"} if style == "gemma" else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk,
+                                   add_bos_token=True, **kw)
+    fast.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    return fast
