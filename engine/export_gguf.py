@@ -22,8 +22,9 @@ GGUF-exact scheme (`quantize` with `gguf`) of the requested type (or with no typ
 from its own codes: the file decodes to the in-app weights bit for bit. Any other quantized linear is
 dequantized and re-quantized by the gguf package's quantizer, and the model card says so.
 
-Memory: tensors are converted one at a time into the writer; a float export shares the model's buffers
-where the dtype matches (no copy), a quantized one holds the packed bytes (about the file's size).
+Memory: the writer streams. The header lists every tensor's shape, type and byte count first (computed,
+not converted); then each tensor is converted, written and dropped before the next, so the extra memory is
+about one tensor (an F32 tensor of an F32 model is written from the model's own buffer), not the file.
 """
 
 from __future__ import annotations
@@ -419,24 +420,33 @@ def estimate_gguf_bytes(lm: LoadedModel, variant: Variant, tensor_type: str | No
     return sum(tensor_bytes(t.shape, typ) for _, _, t, typ, _, _ in plan)
 
 
-def _tensor_data(name, t, typ, how, rows, recs, norm_plus_one):
+def _tensor_info(shape, typ: str) -> tuple:
+    """(shape, numpy dtype, bytes, raw GGML type) of a tensor as `_tensor_data` will give it: F32 / F16 as
+    float arrays of the tensor's shape, every other type as uint8 blocks (rows, bytes per row), which the
+    writer turns back into the logical shape."""
+    shape = tuple(int(d) for d in shape)
+    if typ in ("F32", "F16"):
+        return shape, np.dtype(np.float32 if typ == "F32" else np.float16), tensor_bytes(shape, typ), None
+    row = tensor_bytes(shape[-1:], typ)
+    return (*shape[:-1], row), np.dtype(np.uint8), tensor_bytes(shape, typ), _qtype(typ)
+
+
+def _tensor_data(name, t, typ, how, rows, recs, norm_plus_one) -> np.ndarray:
     import gguf
 
     t = t.detach().cpu()
     if how == "codes":
-        return pack_codes(recs[name], rows), _qtype(typ)
+        return pack_codes(recs[name], rows)
     x = t.float() if (typ != "F32" or t.dtype != torch.float32) else t
     if rows is not None:
         x = x[rows]
     if norm_plus_one and name.endswith("norm.weight"):
         x = x + 1.0  # llama.cpp stores Gemma's RMSNorm weight as 1 + w
     if typ == "F32":
-        return x.contiguous().numpy(), None
+        return x.contiguous().numpy()
     if typ == "F16":
-        return x.to(torch.float16).contiguous().numpy(), None
-    if typ == "BF16":
-        return gguf.quants.quantize(x.contiguous().numpy(), _qtype("BF16")), _qtype("BF16")
-    return gguf.quants.quantize(x.contiguous().numpy(), _qtype(typ)), _qtype(typ)
+        return x.to(torch.float16).contiguous().numpy()
+    return gguf.quants.quantize(x.contiguous().numpy(), _qtype(typ))  # BF16 and the block types: uint8
 
 
 def write_gguf(lm: LoadedModel, variant: Variant, path: Path, tensor_type: str | None = None) -> dict:
@@ -454,9 +464,9 @@ def write_gguf(lm: LoadedModel, variant: Variant, path: Path, tensor_type: str |
     notes = _write_tokenizer(w, lm.tokenizer, n_vocab)
     types: dict[str, int] = {}
     requantized, from_codes = [], []
+    # Pass 1: every tensor's name, shape, type and byte count go into the header, with no data converted.
     for new, name, t, typ, how, rows in plan:
-        data, raw = _tensor_data(name, t, typ, how, rows, recs, norm_plus_one)
-        w.add_tensor(new, data, raw_dtype=raw)
+        w.add_tensor_info(new, *_tensor_info(t.shape, typ))
         types[typ] = types.get(typ, 0) + 1
         if how == "requantize" and name in recs:
             requantized.append(name)
@@ -464,7 +474,13 @@ def write_gguf(lm: LoadedModel, variant: Variant, path: Path, tensor_type: str |
             from_codes.append(name)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    # Pass 2: each tensor is converted (packed, quantized, permuted) and written, then dropped, so the extra
+    # memory is about one tensor, not the model (the gguf writer's add_tensor would hold them all).
+    for new, name, t, typ, how, rows in plan:
+        data = _tensor_data(name, t, typ, how, rows, recs, norm_plus_one)
+        w.write_tensor_data(data)
+        del data
     w.close()
     if requantized:
         notes.append(f"{len(requantized)} quantized linears had a scheme other than GGUF {tensor_type}: they were "

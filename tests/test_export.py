@@ -478,6 +478,36 @@ def test_gguf_sentencepiece_tokenizer_round_trips(style, family, tmp_path):
     assert bool(val("tokenizer.ggml.add_bos_token")) and not bool(val("tokenizer.ggml.add_eos_token"))
 
 
+def test_gguf_writer_holds_one_converted_tensor_at_a_time(monkeypatch, tmp_path):
+    """The GGUF writer streams: when it converts a tensor (packs codes, quantizes, permutes), at most the
+    one before it is still alive (not yet collected), never the model's worth; counted with weak
+    references to every array the converter hands out. The file is still complete and right (the
+    logits of its reload)."""
+    import gc
+    import weakref
+
+    from workbench.engine import export_gguf as eg
+
+    lm = _tok_lm("llama", layers=6)
+    v = _steps(lm, original_variant(6).with_dropped([5]), [{"op": "quantize", "method": "rtn", "gguf": "Q8_0",
+                                                           "blocks": [0, 1]}])
+    real, refs, most = eg._tensor_data, [], []
+
+    def counted(*a, **kw):
+        gc.collect()
+        most.append(sum(r() is not None for r in refs))  # converted arrays still alive
+        out = real(*a, **kw)
+        refs.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(eg, "_tensor_data", counted)
+    out = eg.export_gguf(lm, v, tmp_path / "m", {}, tensor_type="Q8_0")
+    n = len(eg.gguf_plan(lm, v, "Q8_0")[0])
+    assert len(most) == n > 40 and max(most) <= 1, most
+    torch.testing.assert_close(_logits(_gguf_reload(out)), _logits(view_model(lm.model, lm.adapter, v)),
+                               rtol=0.1, atol=0.1)  # Q8_0 re-quantized: close, not equal
+
+
 def test_gguf_size_shown_before_writing_matches_the_file(tmp_path):
     from workbench.engine.export_gguf import estimate_gguf_bytes, export_gguf
 
