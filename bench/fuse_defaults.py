@@ -53,15 +53,16 @@ def main() -> None:
     print(f"model {lm.name}, {lm.num_blocks} blocks; fuse settings {settings}; threads {args.threads}; "
           f"load average at start {os.getloadavg()}", flush=True)
     ctx = OpContext(lm=lm, calibration=Calibration())
+    qc = ev.quick_cache(lm)  # the original's side of every comparison, built once
     rows = []
     print("| block | removal KL | fused KL | removal top-1 | fused top-1 | fused better | s/block | load avg (1 min) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     for b in blocks:
-        qp = ev.quick_eval(lm, v0.with_dropped([b]))
+        qp = ev.quick_eval(lm, v0.with_dropped([b]), reference=qc)
         t0 = time.perf_counter()
         fused, report, _ = FuseBlocks(blocks=(b,), **settings).apply(ctx, v0)
         sec = time.perf_counter() - t0
-        qf = ev.quick_eval(lm, fused)
+        qf = ev.quick_eval(lm, fused, reference=qc)
         win = qf["kl"] < qp["kl"]
         load = os.getloadavg()[0]
         rows.append({"block": b, "removal": qp, "fused": qf, "better": win, "seconds": sec, "load1": load,

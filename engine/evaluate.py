@@ -13,17 +13,18 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from . import data
 from .errors import Cancelled
-from .block_stream import BlockTrace, run_span, trace_blocks
+from .block_stream import BlockTrace, run_block, run_span, trace_blocks
 from .loading import LoadedModel
 from .plan import LOGIT_CHUNK_BYTES  # defined beside the memory plan that counts it (no import cycle)
-from .variant import Variant, block_modules, view_model
+from .variant import DROP, Variant, block_modules, view_model
 
 QUICK_CACHE_BUDGET_BYTES = 512 * 2**20  # stated budget for one model's quick-set cache
 
@@ -112,13 +113,17 @@ class QuickCache:
                 tot[k] += s[k]
         return tot
 
-    def sums(self, lm: LoadedModel, variant: Variant, start: int | None = None) -> dict:
+    def sums(self, lm: LoadedModel, variant: Variant, start: int | None = None, memo: "RunMemo | None" = None) -> dict:
         """Sums over the cached tokens ({"kl", "agree", "nll", "n"}) of `variant`, run from original block
-        `start` (default: its first change) on; the identity variant is the reference itself."""
+        `start` (default: its first change) on; the identity variant is the reference itself. With a
+        `memo` of the last variant run here, the run starts where the two variants first differ, if that
+        is later (a click that adds or removes one block of a selection), and the memo then holds this one."""
         targets = self.ids[:, 1:]
         if variant.is_identity():
             n = targets.numel()
             return {"kl": 0.0, "agree": float(n), "nll": self.ref_nll * n, "n": n}
+        if memo is not None and start is None:
+            return self.sums_from_hidden(lm, memo.run(lm, variant, self.trace))
         start = variant.first_change() if start is None else start
         return self.sums_from_hidden(lm, run_from(lm, variant, self.trace, start))
 
@@ -138,6 +143,64 @@ class QuickCache:
         nll = lse - logits.gather(-1, targets[..., None]).squeeze(-1)
         agree = (logits.argmax(-1) == ref_top1).float()
         return {"kl": kl.sum().item(), "agree": agree.sum().item(), "nll": nll.sum().item(), "n": targets.numel()}
+
+
+@dataclass
+class RunMemo:
+    """The hidden states of the last variant run on a QuickCache's tokens: `states[i]` enters original
+    block index i (None: the trace's own, the variant being the original's up to there), `output` leaves
+    the last block; `blocks[i]` says what stood at index i (None: the original block, DROP, or the
+    replacement module). The next variant runs only from the first index where the two differ, or from
+    its own first change if that is later; the states below are the same tensors the same blocks made."""
+
+    states: list = field(default_factory=list)
+    output: torch.Tensor | None = None
+    runs: list = field(default_factory=list, repr=False)  # original indices run from, newest last
+
+    def __post_init__(self):  # not a field: the result cache counts the states, not the blocks' weights
+        self.blocks: list = []
+
+    def start_for(self, variant: Variant) -> int:
+        """The first index to run for `variant` (num_blocks: nothing to run, the memo's output stands)."""
+        fc = variant.first_change()
+        n = variant.num_blocks
+        if len(self.blocks) != n or self.output is None:
+            return fc
+        same = next((i for i in range(n) if not _same_block(self.blocks[i], variant.overrides.get(i))), n)
+        return max(fc, same)
+
+    @torch.no_grad()
+    def run(self, lm: LoadedModel, variant: Variant, trace: BlockTrace) -> torch.Tensor:
+        """The hidden state after `variant`'s last kept block; the memo then holds `variant`'s states."""
+        n = variant.num_blocks
+        start = self.start_for(variant)
+        self.runs = (self.runs + [start])[-16:]
+        if start >= n:
+            return self.output
+        if start == variant.first_change():  # below it the variant is the original: the trace's states
+            states, h = [None] * start, trace.inputs[start]
+        else:  # below `start` the two variants are the same blocks: the memo's states stand
+            states = self.states[:start]
+            h = self.states[start] if self.states[start] is not None else trace.inputs[start]
+        modules = dict(block_modules(lm.model, lm.adapter, variant))
+        for i in range(start, n):
+            states.append(None if h is trace.inputs[i] else h)
+            if i in modules:
+                h = run_block(modules[i], h, trace.calls[i])
+        self.states, self.output = states, h
+        self.blocks = [_block_ref(variant.overrides.get(i)) for i in range(n)]
+        return h
+
+
+def _block_ref(o):
+    """What stood at an index, without keeping a replacement module alive (a released variant's block)."""
+    return o if o is None or o is DROP else weakref.ref(o)
+
+
+def _same_block(ref, o) -> bool:
+    if ref is None or ref is DROP:
+        return ref is o
+    return o is not None and o is not DROP and ref() is o
 
 
 @torch.no_grad()
@@ -215,12 +278,14 @@ def _unique_params(model):
 
 
 @torch.no_grad()
-def quick_eval(lm: LoadedModel, variant: Variant, reference: QuickCache | None = None) -> dict:
+def quick_eval(lm: LoadedModel, variant: Variant, reference: QuickCache | None = None,
+               memo: RunMemo | None = None) -> dict:
     """KL, top-1 agreement and (noisy) perplexity on the quick set, from the first changed block on.
-    `reference`: the quick_cache(lm) to compare against (built here when not given)."""
+    `reference`: the quick_cache(lm) to compare against (built here when not given); `memo`: the states
+    of the last variant evaluated with it (see RunMemo), updated."""
     t0 = time.perf_counter()
     qc = reference or quick_cache(lm)
-    s = qc.sums(lm, variant)
+    s = qc.sums(lm, variant, memo=memo)
     out = _summarise(s)
     out.update(size_of(lm, variant))
     out["tokens"] = int(s["n"])

@@ -251,7 +251,12 @@ class Workspace:
         if not pend:
             return None
         with self.guard():
-            return ev.quick_eval(self.lm, self.current.with_dropped(pend, name="preview"), reference=self.reference())
+            # the last preview's states: a click that adds or removes one block runs from that block on
+            memo = self.results.peek(None, "preview_states", ()) or ev.RunMemo()
+            res = ev.quick_eval(self.lm, self.current.with_dropped(pend, name="preview"), reference=self.reference(),
+                                memo=memo)
+            self.results.put(None, "preview_states", (), memo)  # counted again: the states it now holds
+            return res
 
     def full_eval(self, progress=None, cancel=None, max_tokens: int | None = 4096) -> dict:
         """Held-out figures of the current variant (the newest run is the one kept)."""

@@ -341,9 +341,8 @@ def build(ctx) -> dict:
                   show_progress="hidden")
     hidden = {"show_progress": "hidden"}
     redraw = g(lambda s, m, sc: chart_value(store, s, m, sc))
-    chart.click(g(_click_handler(store)),
-                [sid, metric, scale], [chart, selection], **hidden).then(
-        g(lambda s: figures_md(store, s)), sid, figures, **hidden)
+    # one event: the chart and selection at once, then the preview's figures (no second queue trip)
+    chart.click(g(_click_handler(store)), [sid, metric, scale], [chart, selection, figures], **hidden)
     for comp in (metric, scale):
         comp.change(redraw, [sid, metric, scale], chart, **ctx.heavy)
     clear_b.click(g(lambda s, m, sc: clear(store, s, m, sc)), [sid, metric, scale], [chart, selection, figures], **hidden)
@@ -416,7 +415,8 @@ def wire(ctx) -> None:
 
 
 def _click_handler(store):
-    def on_click(sid: str, chosen: str, scale: str, evt: gr.EventData) -> tuple[str, str]:
-        return click(store, sid, chosen, scale, int(evt.block))
+    def on_click(sid: str, chosen: str, scale: str, evt: gr.EventData):
+        yield (*click(store, sid, chosen, scale, int(evt.block)), gr.update())
+        yield gr.update(), gr.update(), figures_md(store, sid)
 
     return on_click

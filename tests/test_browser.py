@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from test_app import SPEC, free_port  # noqa: F401  (fixtures below reuse the tiny-model store)
+from conftest import TINY_SPEC as SPEC
+from test_app import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -103,3 +103,34 @@ def test_nothing_is_set_on_the_loaded_model_or_its_modules(tiny_lm):
     list(compare.generate_pair(st, sid, "hello", 4))
     blocks.outlier_marks(st, sid, st.current(sid))
     assert _attributes(lm) == before
+
+
+def test_a_preview_runs_from_where_it_differs_from_the_last_and_gives_the_same_figures(tiny_lm):
+    """Clicks add and remove blocks of the selection: each preview starts at the first block where it
+    differs from the previous one (or its own first change, if later) and its figures equal a fresh
+    evaluation from its first change, to the bit."""
+    from workbench.engine.variant import copy_block, original_variant
+
+    lm = tiny_lm("llama", layers=6)
+    qc = ev.quick_cache(lm)
+    base = original_variant(6).derive("v1")
+    changed = copy_block(lm.adapter.blocks(lm.model)[1])
+    with torch.no_grad():
+        for p in changed.parameters():
+            p.mul_(0.9)
+    base.overrides[1] = changed  # the current variant has a replaced block 1
+    memo = ev.RunMemo()
+    # selection after each click -> where the run must start: first ever: the first change (1); adding 4:
+    # 4; adding 2: 2; removing 4: 4; the same again: nothing to run (6); removing 2: 2
+    for sel, start in (([3], 1), ([3, 4], 4), ([2, 3, 4], 2), ([2, 3], 4), ([2, 3], 6), ([3], 2)):
+        v = base.with_dropped(sel, name="preview")
+        got = ev.quick_eval(lm, v, reference=qc, memo=memo)
+        fresh = ev.quick_eval(lm, v, reference=qc)
+        assert memo.runs[-1] == start, (sel, memo.runs)
+        assert {k: got[k] for k in ("kl", "top1", "nll")} == {k: fresh[k] for k in ("kl", "top1", "nll")}
+    assert all(s is None for s in memo.states[:1])  # below the first change: the trace's own tensors
+    # another current variant, the original below block 5: from its first change, on the trace's state
+    other = original_variant(6).with_dropped([5])
+    got = ev.quick_eval(lm, other, reference=qc, memo=memo)
+    assert memo.runs[-1] == 5 and got["kl"] == ev.quick_eval(lm, other, reference=qc)["kl"]
+    assert memo.states[:5] == [None] * 5
