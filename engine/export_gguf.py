@@ -3,7 +3,8 @@
 What goes in (our code; the conventions learnt from llama.cpp's `convert_hf_to_gguf.py`):
 - the architecture's tensor names from the package's `TensorNameMap`, for the blocks the variant keeps
   (renumbered 0..n-1), `block_count` = n, and every per-layer metadata array at the new length (Gemma 3's
-  sliding-window pattern: one entry per kept block, in order);
+  sliding-window pattern: one entry per kept block, in order; llama.cpp and transformers' reader ignore
+  it for their fixed 5:1 pattern, so the card names the blocks a pruning moved off that);
 - hyperparameters (context, widths, heads, rope base, norm epsilon, head dims, Gemma 2 soft-capping,
   sliding window);
 - llama.cpp's conventions where they differ from transformers': the Llama-family (llama, mistral) q/k
@@ -223,6 +224,21 @@ def _write_hparams(w, model, arch: str, n_blocks: int, file_type: str) -> None:
         if len(kinds) != n_blocks:
             raise ExportError(f"internal: {len(kinds)} layer types for {n_blocks} blocks")
         w.add_sliding_window_pattern([k == "sliding_attention" for k in kinds])  # one per kept block
+
+
+def gemma3_pattern_notes(kinds: list[str]) -> list[str]:
+    """llama.cpp runs Gemma 3 with a fixed pattern (blocks 5, 11, 17, ... global, the others sliding with
+    rope base 10000) and does not read the per-layer pattern we write; transformers' GGUF reader rebuilds
+    the same default. A pruned variant whose kept blocks break that pattern runs differently there: say
+    which blocks, in the file's numbering."""
+    wrong = [j for j, k in enumerate(kinds) if (k == "sliding_attention") != (j % 6 < 5)]
+    if not wrong:
+        return []
+    return [f"Gemma 3 after pruning: the file's blocks {wrong} do not follow llama.cpp's fixed pattern (every 6th "
+            "block global, the others sliding with rope base 10000). llama.cpp (and transformers' GGUF reader) "
+            "ignore the per-layer pattern written here and run those blocks with the other attention kind and "
+            "rope base, so their outputs differ from the app's; pruning that keeps the pattern (e.g. from the "
+            "end, or whole runs of 6) avoids it"]
 
 
 def _pre_tokenizer_name(tok_json: dict) -> str:
@@ -462,6 +478,8 @@ def write_gguf(lm: LoadedModel, variant: Variant, path: Path, tensor_type: str |
     _write_hparams(w, model, arch, len(variant.kept()), tensor_type)
     n_vocab = int(_config_text(model).vocab_size)
     notes = _write_tokenizer(w, lm.tokenizer, n_vocab)
+    if arch == "gemma3":
+        notes += gemma3_pattern_notes(list(getattr(_config_text(model), "layer_types", None) or []))
     types: dict[str, int] = {}
     requantized, from_codes = [], []
     # Pass 1: every tensor's name, shape, type and byte count go into the header, with no data converted.

@@ -398,6 +398,25 @@ def test_gguf_metadata_and_gemma3_pattern_after_pruning(tmp_path):
     assert torch.equal(torch.from_numpy(tensors["blk.0.attn_norm.weight"].data.copy()), w + 1)
 
 
+def test_gguf_says_when_a_pruned_gemma3_breaks_llama_cpps_fixed_pattern(tmp_path):
+    """llama.cpp hard-codes Gemma 3's pattern (block j global iff j % 6 == 5); the card says which of the
+    file's blocks a pruning moved off it, and nothing when the pattern holds."""
+    from workbench.engine.export_gguf import export_gguf, gemma3_pattern_notes
+
+    s, f = "sliding_attention", "full_attention"
+    assert gemma3_pattern_notes([s] * 5 + [f] + [s] * 3) == []
+    note, = gemma3_pattern_notes([s] * 4 + [f] + [s] * 2)  # block 3 of 5:1 dropped: the global one moved up
+    assert "blocks [4, 5]" in note
+    lm = _tok_lm("gemma3", layers=8)
+    assert lm.model.config.layer_types[5] == f
+    for drop, moved in (([7], None), ([6, 7], None), ([1], "[4, 5]")):
+        out = export_gguf(lm, original_variant(8).with_dropped(drop), tmp_path / f"p{drop}", {}, tensor_type="F16")
+        card = (out / "README.md").read_text()
+        assert ("llama.cpp's fixed pattern" in card) == (moved is not None), drop
+        if moved:
+            assert f"blocks {moved}" in card
+
+
 def test_gguf_tokenizer_and_chat_template_round_trip(tmp_path):
     from transformers import AutoTokenizer
 
