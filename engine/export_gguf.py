@@ -3,7 +3,8 @@
 What goes in (our code; the conventions learnt from llama.cpp's `convert_hf_to_gguf.py`):
 - the architecture's tensor names from the package's `TensorNameMap`, for the blocks the variant keeps
   (renumbered 0..n-1), `block_count` = n, and every per-layer metadata array at the new length (Gemma 3's
-  sliding-window pattern: one entry per kept block, in order);
+  sliding-window pattern: one entry per kept block, in order; llama.cpp and transformers' reader ignore
+  it for their fixed 5:1 pattern, so the card names the blocks a pruning moved off that);
 - hyperparameters (context, widths, heads, rope base, norm epsilon, head dims, Gemma 2 soft-capping,
   sliding window);
 - llama.cpp's conventions where they differ from transformers': the Llama-family (llama, mistral) q/k
@@ -22,8 +23,9 @@ GGUF-exact scheme (`quantize` with `gguf`) of the requested type (or with no typ
 from its own codes: the file decodes to the in-app weights bit for bit. Any other quantized linear is
 dequantized and re-quantized by the gguf package's quantizer, and the model card says so.
 
-Memory: tensors are converted one at a time into the writer; a float export shares the model's buffers
-where the dtype matches (no copy), a quantized one holds the packed bytes (about the file's size).
+Memory: the writer streams. The header lists every tensor's shape, type and byte count first (computed,
+not converted); then each tensor is converted, written and dropped before the next, so the extra memory is
+about one tensor (an F32 tensor of an F32 model is written from the model's own buffer), not the file.
 """
 
 from __future__ import annotations
@@ -224,6 +226,21 @@ def _write_hparams(w, model, arch: str, n_blocks: int, file_type: str) -> None:
         w.add_sliding_window_pattern([k == "sliding_attention" for k in kinds])  # one per kept block
 
 
+def gemma3_pattern_notes(kinds: list[str]) -> list[str]:
+    """llama.cpp runs Gemma 3 with a fixed pattern (blocks 5, 11, 17, ... global, the others sliding with
+    rope base 10000) and does not read the per-layer pattern we write; transformers' GGUF reader rebuilds
+    the same default. A pruned variant whose kept blocks break that pattern runs differently there: say
+    which blocks, in the file's numbering."""
+    wrong = [j for j, k in enumerate(kinds) if (k == "sliding_attention") != (j % 6 < 5)]
+    if not wrong:
+        return []
+    return [f"Gemma 3 after pruning: the file's blocks {wrong} do not follow llama.cpp's fixed pattern (every 6th "
+            "block global, the others sliding with rope base 10000). llama.cpp (and transformers' GGUF reader) "
+            "ignore the per-layer pattern written here and run those blocks with the other attention kind and "
+            "rope base, so their outputs differ from the app's; pruning that keeps the pattern (e.g. from the "
+            "end, or whole runs of 6) avoids it"]
+
+
 def _pre_tokenizer_name(tok_json: dict) -> str:
     """llama.cpp's name for the pre-tokenizer (its regex), from the tokenizer.json structure."""
     pre = tok_json.get("pre_tokenizer") or {}
@@ -419,24 +436,33 @@ def estimate_gguf_bytes(lm: LoadedModel, variant: Variant, tensor_type: str | No
     return sum(tensor_bytes(t.shape, typ) for _, _, t, typ, _, _ in plan)
 
 
-def _tensor_data(name, t, typ, how, rows, recs, norm_plus_one):
+def _tensor_info(shape, typ: str) -> tuple:
+    """(shape, numpy dtype, bytes, raw GGML type) of a tensor as `_tensor_data` will give it: F32 / F16 as
+    float arrays of the tensor's shape, every other type as uint8 blocks (rows, bytes per row), which the
+    writer turns back into the logical shape."""
+    shape = tuple(int(d) for d in shape)
+    if typ in ("F32", "F16"):
+        return shape, np.dtype(np.float32 if typ == "F32" else np.float16), tensor_bytes(shape, typ), None
+    row = tensor_bytes(shape[-1:], typ)
+    return (*shape[:-1], row), np.dtype(np.uint8), tensor_bytes(shape, typ), _qtype(typ)
+
+
+def _tensor_data(name, t, typ, how, rows, recs, norm_plus_one) -> np.ndarray:
     import gguf
 
     t = t.detach().cpu()
     if how == "codes":
-        return pack_codes(recs[name], rows), _qtype(typ)
+        return pack_codes(recs[name], rows)
     x = t.float() if (typ != "F32" or t.dtype != torch.float32) else t
     if rows is not None:
         x = x[rows]
     if norm_plus_one and name.endswith("norm.weight"):
         x = x + 1.0  # llama.cpp stores Gemma's RMSNorm weight as 1 + w
     if typ == "F32":
-        return x.contiguous().numpy(), None
+        return x.contiguous().numpy()
     if typ == "F16":
-        return x.to(torch.float16).contiguous().numpy(), None
-    if typ == "BF16":
-        return gguf.quants.quantize(x.contiguous().numpy(), _qtype("BF16")), _qtype("BF16")
-    return gguf.quants.quantize(x.contiguous().numpy(), _qtype(typ)), _qtype(typ)
+        return x.to(torch.float16).contiguous().numpy()
+    return gguf.quants.quantize(x.contiguous().numpy(), _qtype(typ))  # BF16 and the block types: uint8
 
 
 def write_gguf(lm: LoadedModel, variant: Variant, path: Path, tensor_type: str | None = None) -> dict:
@@ -452,11 +478,13 @@ def write_gguf(lm: LoadedModel, variant: Variant, path: Path, tensor_type: str |
     _write_hparams(w, model, arch, len(variant.kept()), tensor_type)
     n_vocab = int(_config_text(model).vocab_size)
     notes = _write_tokenizer(w, lm.tokenizer, n_vocab)
+    if arch == "gemma3":
+        notes += gemma3_pattern_notes(list(getattr(_config_text(model), "layer_types", None) or []))
     types: dict[str, int] = {}
     requantized, from_codes = [], []
+    # Pass 1: every tensor's name, shape, type and byte count go into the header, with no data converted.
     for new, name, t, typ, how, rows in plan:
-        data, raw = _tensor_data(name, t, typ, how, rows, recs, norm_plus_one)
-        w.add_tensor(new, data, raw_dtype=raw)
+        w.add_tensor_info(new, *_tensor_info(t.shape, typ))
         types[typ] = types.get(typ, 0) + 1
         if how == "requantize" and name in recs:
             requantized.append(name)
@@ -464,7 +492,13 @@ def write_gguf(lm: LoadedModel, variant: Variant, path: Path, tensor_type: str |
             from_codes.append(name)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    # Pass 2: each tensor is converted (packed, quantized, permuted) and written, then dropped, so the extra
+    # memory is about one tensor, not the model (the gguf writer's add_tensor would hold them all).
+    for new, name, t, typ, how, rows in plan:
+        data = _tensor_data(name, t, typ, how, rows, recs, norm_plus_one)
+        w.write_tensor_data(data)
+        del data
     w.close()
     if requantized:
         notes.append(f"{len(requantized)} quantized linears had a scheme other than GGUF {tensor_type}: they were "

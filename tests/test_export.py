@@ -398,6 +398,25 @@ def test_gguf_metadata_and_gemma3_pattern_after_pruning(tmp_path):
     assert torch.equal(torch.from_numpy(tensors["blk.0.attn_norm.weight"].data.copy()), w + 1)
 
 
+def test_gguf_says_when_a_pruned_gemma3_breaks_llama_cpps_fixed_pattern(tmp_path):
+    """llama.cpp hard-codes Gemma 3's pattern (block j global iff j % 6 == 5); the card says which of the
+    file's blocks a pruning moved off it, and nothing when the pattern holds."""
+    from workbench.engine.export_gguf import export_gguf, gemma3_pattern_notes
+
+    s, f = "sliding_attention", "full_attention"
+    assert gemma3_pattern_notes([s] * 5 + [f] + [s] * 3) == []
+    note, = gemma3_pattern_notes([s] * 4 + [f] + [s] * 2)  # block 3 of 5:1 dropped: the global one moved up
+    assert "blocks [4, 5]" in note
+    lm = _tok_lm("gemma3", layers=8)
+    assert lm.model.config.layer_types[5] == f
+    for drop, moved in (([7], None), ([6, 7], None), ([1], "[4, 5]")):
+        out = export_gguf(lm, original_variant(8).with_dropped(drop), tmp_path / f"p{drop}", {}, tensor_type="F16")
+        card = (out / "README.md").read_text()
+        assert ("llama.cpp's fixed pattern" in card) == (moved is not None), drop
+        if moved:
+            assert f"blocks {moved}" in card
+
+
 def test_gguf_tokenizer_and_chat_template_round_trip(tmp_path):
     from transformers import AutoTokenizer
 
@@ -476,6 +495,36 @@ def test_gguf_sentencepiece_tokenizer_round_trips(style, family, tmp_path):
     assert scores[vocab["a"]] == scores[vocab["<0x41>"]] == -(len(merges) + 1)  # no merge makes them
     assert bool(val("tokenizer.ggml.add_space_prefix")) == (style == "llama")
     assert bool(val("tokenizer.ggml.add_bos_token")) and not bool(val("tokenizer.ggml.add_eos_token"))
+
+
+def test_gguf_writer_holds_one_converted_tensor_at_a_time(monkeypatch, tmp_path):
+    """The GGUF writer streams: when it converts a tensor (packs codes, quantizes, permutes), at most the
+    one before it is still alive (not yet collected), never the model's worth; counted with weak
+    references to every array the converter hands out. The file is still complete and right (the
+    logits of its reload)."""
+    import gc
+    import weakref
+
+    from workbench.engine import export_gguf as eg
+
+    lm = _tok_lm("llama", layers=6)
+    v = _steps(lm, original_variant(6).with_dropped([5]), [{"op": "quantize", "method": "rtn", "gguf": "Q8_0",
+                                                           "blocks": [0, 1]}])
+    real, refs, most = eg._tensor_data, [], []
+
+    def counted(*a, **kw):
+        gc.collect()
+        most.append(sum(r() is not None for r in refs))  # converted arrays still alive
+        out = real(*a, **kw)
+        refs.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(eg, "_tensor_data", counted)
+    out = eg.export_gguf(lm, v, tmp_path / "m", {}, tensor_type="Q8_0")
+    n = len(eg.gguf_plan(lm, v, "Q8_0")[0])
+    assert len(most) == n > 40 and max(most) <= 1, most
+    torch.testing.assert_close(_logits(_gguf_reload(out)), _logits(view_model(lm.model, lm.adapter, v)),
+                               rtol=0.1, atol=0.1)  # Q8_0 re-quantized: close, not equal
 
 
 def test_gguf_size_shown_before_writing_matches_the_file(tmp_path):
@@ -777,3 +826,53 @@ def test_llamacpp_tokenizes_our_sentencepiece_gguf_like_the_app(style, family, t
     texts = [t for t in SPM_TEXTS if style == "gemma" or not t.startswith(" ")]
     got = llamacpp_tokenize(py, out / "model.gguf", texts, tmp_path)
     assert got == [lm.tokenizer(t)["input_ids"] for t in texts]
+
+
+def _mistral_v1_sentencepiece():
+    """Mistral 7B v0.1's SentencePiece model, as the mistral-common package ships it (data only: found, not
+    imported), with the sentencepiece library to run it; skipped where either is missing (setup.sh --test)."""
+    import importlib.util
+    from pathlib import Path
+
+    spm = pytest.importorskip("sentencepiece", reason="sentencepiece not installed (setup.sh --test)")
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("mistral-common (its SentencePiece model file) not installed (setup.sh --test)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+@pytest.mark.slow
+def test_real_mistral_sentencepiece_vocabulary_under_llamacpp_matches_sentencepiece(tmp_path):
+    """A real SentencePiece vocabulary (Mistral 7B v0.1, 32000 pieces) as the app holds it (transformers'
+    BPE with byte fallback, merges from the pieces' scores), exported with a tiny Mistral model:
+    transformers reloads it to the in-app ids, and llama.cpp, reading only our scores, types and flags,
+    tokenizes as SentencePiece itself does, text with a leading space included."""
+    import transformers as tf
+    from transformers import AutoTokenizer, LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    from tiny import SPM_TEXTS, tiny_config
+    from workbench.engine.export_gguf import export_gguf
+    from workbench.engine.loading import wrap_model
+
+    sp = _mistral_v1_sentencepiece()
+    py = llamacpp_python()
+    if py is None:
+        pytest.skip(f"llama-cpp-python is not built in {LLAMACPP_VENV} (README: GGUF export, building llama.cpp)")
+    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    vocab = {t: i for i, t in enumerate(pieces)}
+    scores = {t: sp.get_score(i) for i, t in enumerate(pieces)}
+    tok = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, scores), bos_token="<s>", eos_token="</s>",
+                         unk_token="<unk>")
+    cfg = tiny_config("mistral")
+    cfg.vocab_size = len(tok)
+    lm = wrap_model(tf.AutoModelForCausalLM.from_config(cfg).eval(), tok, spec="tiny-mistral-v1-vocab", device="cpu")
+    out = export_gguf(lm, original_variant(4), tmp_path / "m", {}, tensor_type="F16")
+    texts = [*SPM_TEXTS, "The quick brown fox jumps over the lazy dog. 3.14159", "def f(x):\n    return x ** 2\n"]
+    back = AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
+    assert [back(t)["input_ids"] for t in texts] == [tok(t)["input_ids"] for t in texts]
+    got = llamacpp_tokenize(py, out / "model.gguf", texts, tmp_path)  # no BOS: the in-app tokenizer adds none
+    assert got == [sp.encode(t) for t in texts]

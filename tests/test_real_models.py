@@ -104,3 +104,34 @@ def test_gemma3_exports_to_gguf_with_its_sentencepiece_tokenizer(gemma_lm, tmp_p
     with torch.no_grad():
         want = view_model(lm.model, lm.adapter, v)(input_ids=probe).logits.float()
         torch.testing.assert_close(back(input_ids=probe).logits.float(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_llamacpp_runs_our_gemma3_gguf_like_the_app(gemma_lm, tmp_path):
+    """llama.cpp itself loads our GGUF of Gemma 3 270M pruned by one block and agrees with the in-app
+    variant's greedy top-1 on the quick set, and its SentencePiece tokenizer (our scores and types) gives the
+    in-app ids. The last block is pruned: llama.cpp hard-codes Gemma 3's layer pattern, which then still
+    holds (a block pruned inside a run moves the global blocks; measured in bench/gemma3_llamacpp.py)."""
+    from test_export import llamacpp_python, llamacpp_tokenize, llamacpp_top1
+
+    from tiny import SPM_TEXTS
+    from workbench.engine import evaluate as ev
+    from workbench.engine.export_gguf import export_gguf
+    from workbench.engine.variant import original_variant, view_model
+
+    py = llamacpp_python()
+    if py is None:
+        print("SKIP: llama-cpp-python is not built (README: GGUF export, building llama.cpp)")
+        pytest.skip("llama-cpp-python is not built (README: GGUF export, building llama.cpp)")
+    lm = gemma_lm
+    v = original_variant(lm.num_blocks).with_dropped([lm.num_blocks - 1])
+    out = export_gguf(lm, v, tmp_path / "g", {}, tensor_type="F32")
+    assert "fixed pattern" not in (out / "README.md").read_text()
+    ids = ev.quick_cache(lm).ids[:2, :64]
+    with torch.no_grad():
+        want = view_model(lm.model, lm.adapter, v)(input_ids=ids).logits.argmax(-1)
+    got = torch.tensor(llamacpp_top1(py, out / "model.gguf", ids.tolist(), tmp_path))
+    agree = float((got == want).float().mean())
+    print(f"llama.cpp top-1 agreement, Gemma 3 270M without its last block, F32: {agree:.4f}")
+    assert agree >= 0.99
+    assert llamacpp_tokenize(py, out / "model.gguf", list(SPM_TEXTS), tmp_path) == \
+        [lm.tokenizer(t)["input_ids"] for t in SPM_TEXTS]
