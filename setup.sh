@@ -59,6 +59,8 @@ if [ "${1:-}" = "--test" ]; then
   # pip's resolver reports gensim's missing scientific stack in red although we never import gensim:
   # keep its real errors, drop that one known line.
   pip_install -e ".[test]" 2> >(grep -v -E "gensim .* requires|dependency resolver does not currently" >&2)
+  # Mistral 7B v0.1's SentencePiece model file for the GGUF tokenizer test: data only (never imported).
+  pip_install --no-deps "mistral-common==1.12.0"
   if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     say "installing Debian's chromium for the browser tests"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) \

@@ -46,6 +46,7 @@ class Variant:
     tags: dict = field(default_factory=dict)
     parent: str | None = None
     id: int = field(default_factory=lambda: next(_ids))
+    description: str = ""  # one line in plain words where the steps do not say it (a sibling's purpose)
 
     # ---- queries --------------------------------------------------------------------------------
     def kept(self) -> list[int]:

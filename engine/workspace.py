@@ -132,6 +132,18 @@ class Workspace:
         self.variants.append(variant)
         return variant
 
+    def removal_beside(self, base: Variant, fused: Variant, description: str = "") -> Variant:
+        """List plain removal (from `base`) of the blocks `fused` fused, named in order and not made
+        current: what a fusion is judged against."""
+        blocks = sorted(fused.steps[-1].get("blocks", []))
+        plain = base.with_dropped(blocks, name=f"v{len(self.variants)}")
+        step = {"op": "prune_blocks", "blocks": blocks}
+        plain.steps = list(base.steps) + [step]
+        plain.reports = list(base.reports) + [dict(step)]
+        plain.parent = base.name
+        plain.description = description
+        return self.add_sibling(plain)
+
     def undo(self) -> Variant:
         if not self.undo_stack:
             raise WorkbenchError("nothing to undo")

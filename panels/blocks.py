@@ -27,7 +27,7 @@ MODES = ["prune", "fuse", "quantize"]
 DEFAULT_OBSERVER = "mse"
 DEFAULT_SHRINK = 0.4
 # What the fuse mode applies beyond rank and steps (bench/fuse_defaults.py measures them on the default model).
-FUSE_DEFAULTS = {"rank": 8, "steps": 16, "guard_samples": 4}
+FUSE_DEFAULTS = {"rank": 8, "steps": 16, "guard_samples": 4, "guard_scales": [1.0, 0.5, 0.25]}
 COLOURS = {"kept": "#4C78A8", "selected": "#E45756", "dropped": "#C9C9C9", "fused": "#F58518",
            "quantized": "#54A24B", "sparse": "#B279A2", "changed": "#9D755D"}
 
@@ -190,7 +190,7 @@ class ApplyForm:
             if not chosen:
                 raise RecipeError("select blocks to fuse: click their bars in the chart")
             return {"op": "fuse_blocks", "blocks": order, "rank": self.rank, "steps": self.steps,
-                    "guard_samples": FUSE_DEFAULTS["guard_samples"]}
+                    "guard_samples": FUSE_DEFAULTS["guard_samples"], "guard_scales": list(FUSE_DEFAULTS["guard_scales"])}
         if self.mode == "quantize":
             return {"op": "quantize", "method": self.method, "bits": self.bits, "group_size": self.group_size,
                     "observer": self.observer, "hessian_shrink": float(self.shrink), "blocks": chosen or list(kept)}

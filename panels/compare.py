@@ -140,7 +140,7 @@ def variant_choices(store, sid: str | None) -> list[tuple[str, int]]:
     for v in store.variants(sid):
         q = store.quick(sid, v)
         mark = " ◀ current" if v is cur else ""
-        what = getattr(v, "description", "") or describe_steps(v)
+        what = v.description or describe_steps(v)
         out.append((f"{v.name}: {what} · {len(v.kept())}/{v.num_blocks} blocks, KL {q['kl']:.4f}, "
                     f"{q['bytes'] / 2**20:.0f} MiB{mark}", v.id))
     return out

@@ -116,10 +116,6 @@ def _units(step: dict) -> int:
 
 def plain_removal_beside(store, sid, base, fused):
     """List plain removal of the fused blocks next to the fused variant (named in order, not made current)."""
-    blocks = sorted(fused.steps[-1].get("blocks", []))
-    plain = store.add_sibling(sid, base.with_dropped(blocks, name=f"v{len(store.variants(sid))}"))
-    plain.steps = list(base.steps) + [{"op": "prune_blocks", "blocks": blocks}]
-    plain.reports = list(base.reports) + [{"op": "prune_blocks", "blocks": blocks}]
-    plain.parent = base.name
-    plain.description = f"plain removal of {_blocks_words(blocks)} (from {base.name}), beside fused {fused.name}"
-    return plain
+    blocks = fused.steps[-1].get("blocks", [])
+    return store.workspace(sid).removal_beside(
+        base, fused, f"plain removal of {_blocks_words(blocks)} (from {base.name}), beside fused {fused.name}")

@@ -202,7 +202,7 @@ def figures_md(store, sid) -> str:
 
 def variant_line(store, sid, v) -> str:
     q = store.quick(sid, v)
-    what = getattr(v, "description", "") or describe_steps(v)
+    what = v.description or describe_steps(v)
     return (f"**{v.name}**: {what} · {len(v.kept())} of {v.num_blocks} blocks, KL {num(q['kl'])}, top-1 "
             f"{q['top1']:.0%}, {mib(q['bytes'])}")
 

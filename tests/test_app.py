@@ -143,7 +143,7 @@ def test_step_dicts_and_preview(store, sid):
     kept = [0, 1, 2, 3]
     assert blocks.step_for("prune", [3, 1], kept) == {"op": "prune_blocks", "blocks": [1, 3]}
     assert blocks.step_for("fuse", [2], kept, rank=4, steps=10) == {"op": "fuse_blocks", "blocks": [2], "rank": 4, "steps": 10,
-                                                                    "guard_samples": 4}
+                                                                    "guard_samples": 4, "guard_scales": [1.0, 0.5, 0.25]}
     assert blocks.step_for("quantize", [], kept, method="rtn", bits=8, group_size=32) == {
         "op": "quantize", "method": "rtn", "bits": 8, "group_size": 32, "observer": "minmax", "hessian_shrink": 0.0,
         "blocks": kept}

@@ -826,3 +826,53 @@ def test_llamacpp_tokenizes_our_sentencepiece_gguf_like_the_app(style, family, t
     texts = [t for t in SPM_TEXTS if style == "gemma" or not t.startswith(" ")]
     got = llamacpp_tokenize(py, out / "model.gguf", texts, tmp_path)
     assert got == [lm.tokenizer(t)["input_ids"] for t in texts]
+
+
+def _mistral_v1_sentencepiece():
+    """Mistral 7B v0.1's SentencePiece model, as the mistral-common package ships it (data only: found, not
+    imported), with the sentencepiece library to run it; skipped where either is missing (setup.sh --test)."""
+    import importlib.util
+    from pathlib import Path
+
+    spm = pytest.importorskip("sentencepiece", reason="sentencepiece not installed (setup.sh --test)")
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("mistral-common (its SentencePiece model file) not installed (setup.sh --test)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+@pytest.mark.slow
+def test_real_mistral_sentencepiece_vocabulary_under_llamacpp_matches_sentencepiece(tmp_path):
+    """A real SentencePiece vocabulary (Mistral 7B v0.1, 32000 pieces) as the app holds it (transformers'
+    BPE with byte fallback, merges from the pieces' scores), exported with a tiny Mistral model:
+    transformers reloads it to the in-app ids, and llama.cpp, reading only our scores, types and flags,
+    tokenizes as SentencePiece itself does, text with a leading space included."""
+    import transformers as tf
+    from transformers import AutoTokenizer, LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    from tiny import SPM_TEXTS, tiny_config
+    from workbench.engine.export_gguf import export_gguf
+    from workbench.engine.loading import wrap_model
+
+    sp = _mistral_v1_sentencepiece()
+    py = llamacpp_python()
+    if py is None:
+        pytest.skip(f"llama-cpp-python is not built in {LLAMACPP_VENV} (README: GGUF export, building llama.cpp)")
+    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    vocab = {t: i for i, t in enumerate(pieces)}
+    scores = {t: sp.get_score(i) for i, t in enumerate(pieces)}
+    tok = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, scores), bos_token="<s>", eos_token="</s>",
+                         unk_token="<unk>")
+    cfg = tiny_config("mistral")
+    cfg.vocab_size = len(tok)
+    lm = wrap_model(tf.AutoModelForCausalLM.from_config(cfg).eval(), tok, spec="tiny-mistral-v1-vocab", device="cpu")
+    out = export_gguf(lm, original_variant(4), tmp_path / "m", {}, tensor_type="F16")
+    texts = [*SPM_TEXTS, "The quick brown fox jumps over the lazy dog. 3.14159", "def f(x):\n    return x ** 2\n"]
+    back = AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
+    assert [back(t)["input_ids"] for t in texts] == [tok(t)["input_ids"] for t in texts]
+    got = llamacpp_tokenize(py, out / "model.gguf", texts, tmp_path)  # no BOS: the in-app tokenizer adds none
+    assert got == [sp.encode(t) for t in texts]

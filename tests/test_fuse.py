@@ -3,6 +3,7 @@ lowers the group loss, export round trip, replay, cancellation; llama and the bi
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -371,3 +372,42 @@ def test_output_guard_keeps_plain_removal_unless_the_fusion_is_better_on_held_ou
     assert bool(trained.replaced()) == (g["kept"] == "fused")
     unguarded, report, _ = FuseBlocks(blocks=[2], group=3, steps=8, lr=3e-2, **SMALL).apply(_ctx(lm), v0)
     assert report["per_block"][0]["guard"] is None and unguarded.replaced()  # off by default: recipes replay
+
+
+def test_guard_scales_keep_the_best_of_removal_and_the_fusion_moved_part_of_the_way(tiny_lm):
+    """guard_scales: the neighbours' weights moved s of the way to the fused ones (checked by hand against
+    the unguarded fusion's weights), each scored by the guard's KL (recomputed by hand); the lowest of those
+    and removal is kept."""
+    from workbench.engine.data import Calibration, calibration_ids
+    from workbench.engine.variant import view_model
+
+    lm = tiny_lm("llama", layers=6)
+    v0 = original_variant(6)
+    ids = calibration_ids(lm.tokenizer, Calibration(samples=2, seq_len=24, seed=1))
+
+    def kl(variant):
+        ref = F.log_softmax(lm.model(input_ids=ids).logits[:, :-1].float(), -1)
+        got = F.log_softmax(view_model(lm.model, lm.adapter, variant)(input_ids=ids).logits[:, :-1].float(), -1)
+        return (ref.exp() * (ref - got)).sum(-1).mean().item()
+
+    opts = dict(blocks=[2], group=3, steps=8, lr=3e-2, **SMALL)
+    full, _, _ = FuseBlocks(**opts).apply(_ctx(lm), v0)  # the fusion as trained (s = 1), no guard
+    got, report, resolved = FuseBlocks(guard_samples=2, guard_scales=[1.0, 0.5, 0.25], **opts).apply(_ctx(lm), v0)
+    g = report["per_block"][0]["guard"]
+    assert resolved["guard_scales"] == (1.0, 0.5, 0.25) and set(g["kl_by_scale"]) == {"1.0", "0.5", "0.25"}
+    blocks = lm.adapter.blocks(lm.model)
+    for s in (0.5, 0.25):  # each candidate, rebuilt by hand from the neighbours' own and the fused weights
+        cand = v0.with_dropped([2])
+        for j in full.replaced():
+            blk = copy.deepcopy(blocks[j])
+            with torch.no_grad():
+                for p, q in zip(blk.parameters(), full.overrides[j].parameters()):
+                    p.copy_(p + s * (q - p))
+            cand.overrides[j] = blk
+        assert g["kl_by_scale"][str(s)] == pytest.approx(kl(cand), rel=1e-4)
+    assert g["kl_by_scale"]["1.0"] == pytest.approx(kl(full), rel=1e-4)
+    best = min([g["kl_removal"], *g["kl_by_scale"].values()])
+    assert kl(got) == pytest.approx(best, rel=1e-4)
+    assert g["kept"] == ("removal" if best == g["kl_removal"] else "fused")
+    with pytest.raises(RecipeError, match="guard_scales"):
+        FuseBlocks(blocks=[2], guard_scales=[0.0])

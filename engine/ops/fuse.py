@@ -110,6 +110,11 @@ class FuseBlocks(Step):
     # the fusion is not better there: the local loss can fall while the output gets worse. 0 = off
     # (older recipes replay unchanged); the app's fuse mode turns it on.
     guard_samples: int = 0
+    # With the guard on, also score the fused weights moved only part of the way from the neighbours' own
+    # (w = w_neighbour + s (w_fused - w_neighbour) for each s here; 1.0 is the fusion as trained) and keep
+    # the best of these and removal: a fusion that overshoots the output at s = 1 can still beat removal
+    # at a smaller step. (1.0,) = the fusion alone (older recipes replay unchanged).
+    guard_scales: tuple = (1.0,)
 
     def __post_init__(self):
         object.__setattr__(self, "blocks", fields.block_list(self.blocks, "blocks", self.op))
@@ -119,6 +124,14 @@ class FuseBlocks(Step):
             fields.integer(getattr(self, name), name, self.op, low)
         for name in ("lr", "lr_other"):
             fields.number(getattr(self, name), name, self.op)
+        if not isinstance(self.guard_scales, (list, tuple)) or not self.guard_scales:
+            raise RecipeError(f"step 'fuse_blocks': 'guard_scales' must be a list of numbers in (0, 1], "
+                              f"got {self.guard_scales!r}")
+        for s in self.guard_scales:
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1:
+                raise RecipeError(f"step 'fuse_blocks': 'guard_scales' must be a list of numbers in (0, 1], "
+                                  f"got {list(self.guard_scales)!r}")
+        object.__setattr__(self, "guard_scales", tuple(float(s) for s in self.guard_scales))
         if bool(self.blocks) == bool(self.k):
             raise RecipeError("step 'fuse_blocks': give either 'blocks' (a list) or 'k' (how many), not both or neither")
         if len(set(self.blocks)) != len(self.blocks):
@@ -252,11 +265,14 @@ def _fuse_one(step: FuseBlocks, ctx: OpContext, variant: Variant, b: int, trace,
     guarded = None
     if guard is not None:
         removal = variant.with_dropped([b], name=variant.name)
-        kl_fused, kl_removal = guard.kl(new), guard.kl(removal)
-        guarded = {"kl_fused": kl_fused, "kl_removal": kl_removal, "tokens": guard.tokens,
-                   "kept": "fused" if kl_fused < kl_removal else "removal"}
-        if guarded["kept"] == "removal":
-            new = removal
+        kl_removal = guard.kl(removal)
+        by_scale = {1.0: new} | {s: partway(lm, variant, new, neighbours, s) for s in step.guard_scales if s != 1.0}
+        kls = {s: guard.kl(v) for s, v in by_scale.items()}
+        s_best = min(kls, key=lambda s: (kls[s], -s))
+        kept = "fused" if kls[s_best] < kl_removal else "removal"
+        guarded = {"kl_fused": kls[1.0], "kl_removal": kl_removal, "tokens": guard.tokens, "kept": kept,
+                   "kl_by_scale": {str(s): k for s, k in kls.items()}, "scale": s_best if kept == "fused" else 0.0}
+        new = by_scale[s_best] if kept == "fused" else removal
     return new, {
         "block": b,
         "group": group,
@@ -343,6 +359,20 @@ class _OutputGuard:
     def kl(self, variant: Variant) -> float:
         logp = self._logp(view_model(self.lm.model, self.lm.adapter, variant))
         return float((self.ref.exp() * (self.ref - logp)).sum(-1).mean())
+
+
+def partway(lm, variant: Variant, fused: Variant, neighbours, scale: float) -> Variant:
+    """`fused` with each neighbour's parameters moved only `scale` of the way from the neighbour's own in
+    `variant` (p = p_own + scale (p_fused - p_own)); the fused block stays dropped."""
+    out = fused.derive(fused.name)
+    with torch.no_grad():
+        for j in neighbours:
+            own = current_block(lm.model, lm.adapter, variant, j)
+            blk = copy_block(own)  # materialised, hook-free: an offloaded neighbour's weights are read here
+            for p, q in zip(blk.parameters(), fused.overrides[j].parameters(), strict=True):
+                p.lerp_(q.to(p.device, p.dtype), scale)
+            out.overrides[j] = blk
+    return out
 
 
 # ---- injection and merge (module surgery on copies) ---------------------------------------------------
