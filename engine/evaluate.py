@@ -138,7 +138,7 @@ class QuickCache:
         logits = logits.float()
         lse = torch.logsumexp(logits, dim=-1)  # (B, T-1)
         # An elementwise product and sum: einsum's batched-matmul path lost ~2e-3 nats here on CPU.
-        p_dot_z = (ref_logp.float().exp() * logits).sum(-1)
+        p_dot_z = ref_logp.float().exp_().mul_(logits).sum(-1)  # in place: one (n, V) fp32 temporary
         kl = ref_negent - p_dot_z + lse * ref_psum
         nll = lse - logits.gather(-1, targets[..., None]).squeeze(-1)
         agree = (logits.argmax(-1) == ref_top1).float()
@@ -218,11 +218,14 @@ def reference_cache(lm: LoadedModel, ids: torch.Tensor) -> QuickCache:
         logp = F.log_softmax(lm.adapter.head(lm.model, rows[a : a + step]), dim=-1)  # (n, V)
         nll -= logp.gather(-1, tgt[a : a + step, None]).sum().item()
         lp = logp.half()
+        top1.append(logp.argmax(-1))
+        del logp  # the (n, V) fp32 temporaries are made one at a time, in place where they can be
         lpf = lp.float()
         lp16.append(lp)
-        negent.append((lpf.exp() * lpf).sum(-1))
-        psum.append(lpf.exp().sum(-1))
-        top1.append(logp.argmax(-1))
+        p = lpf.exp()
+        psum.append(p.sum(-1))
+        negent.append(p.mul_(lpf).sum(-1))
+        del p, lpf
     shape = (B, T1)
     return QuickCache(ids=ids, trace=trace, ref_logp=torch.cat(lp16).reshape(B, T1, -1),
                       ref_negent=torch.cat(negent).reshape(shape), ref_psum=torch.cat(psum).reshape(shape),

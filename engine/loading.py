@@ -328,7 +328,9 @@ def load_model(
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from . import plan as planning
+    from .heap import bound_cpu_heap
 
+    bound_cpu_heap()  # block inputs and CPU activations: freed buffers go back to the system (engine/heap.py)
     gpus = planning.gpus_for(None if device is None else str(device))
     budget = planning.parse_max_memory(max_memory)
     folder, name = _resolve_folder(str(spec), allow_pickle, progress)
