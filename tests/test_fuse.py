@@ -344,20 +344,28 @@ def test_relative_mse_loss_by_hand_and_as_the_steps_start_loss(tiny_lm):
     assert report["per_block"][0]["loss"] == "kl"
 
 
-def test_output_guard_keeps_plain_removal_unless_the_fusion_is_better_on_held_out_text(tiny_lm):
-    """guard_samples > 0: KL(original || variant) of the output on other calibration windows (seed + 1),
-    recomputed here by hand; 0 steps (fused == removal exactly) is not better, so removal is kept."""
+def _guard_kl(lm):
+    """KL(original || variant) on the guard's windows (2 x 24 tokens, seed 1), by hand: an independent
+    reference for the guard's figures."""
     from workbench.engine.data import Calibration, calibration_ids
     from workbench.engine.variant import view_model
 
-    lm = tiny_lm("llama", layers=6)
-    v0 = original_variant(6)
     ids = calibration_ids(lm.tokenizer, Calibration(samples=2, seq_len=24, seed=1))
 
     def kl(variant):
         ref = F.log_softmax(lm.model(input_ids=ids).logits[:, :-1].float(), -1)
         got = F.log_softmax(view_model(lm.model, lm.adapter, variant)(input_ids=ids).logits[:, :-1].float(), -1)
         return (ref.exp() * (ref - got)).sum(-1).mean().item()
+
+    return kl
+
+
+def test_output_guard_keeps_plain_removal_unless_the_fusion_is_better_on_held_out_text(tiny_lm):
+    """guard_samples > 0: KL(original || variant) of the output on other calibration windows (seed + 1),
+    recomputed here by hand; 0 steps (fused == removal exactly) is not better, so removal is kept."""
+    lm = tiny_lm("llama", layers=6)
+    v0 = original_variant(6)
+    kl = _guard_kl(lm)
 
     same, report, resolved = FuseBlocks(blocks=[2], group=3, steps=0, guard_samples=2, **SMALL).apply(_ctx(lm), v0)
     g = report["per_block"][0]["guard"]
@@ -378,17 +386,9 @@ def test_guard_scales_keep_the_best_of_removal_and_the_fusion_moved_part_of_the_
     """guard_scales: the neighbours' weights moved s of the way to the fused ones (checked by hand against
     the unguarded fusion's weights), each scored by the guard's KL (recomputed by hand); the lowest of those
     and removal is kept."""
-    from workbench.engine.data import Calibration, calibration_ids
-    from workbench.engine.variant import view_model
-
     lm = tiny_lm("llama", layers=6)
     v0 = original_variant(6)
-    ids = calibration_ids(lm.tokenizer, Calibration(samples=2, seq_len=24, seed=1))
-
-    def kl(variant):
-        ref = F.log_softmax(lm.model(input_ids=ids).logits[:, :-1].float(), -1)
-        got = F.log_softmax(view_model(lm.model, lm.adapter, variant)(input_ids=ids).logits[:, :-1].float(), -1)
-        return (ref.exp() * (ref - got)).sum(-1).mean().item()
+    kl = _guard_kl(lm)
 
     opts = dict(blocks=[2], group=3, steps=8, lr=3e-2, **SMALL)
     full, _, _ = FuseBlocks(**opts).apply(_ctx(lm), v0)  # the fusion as trained (s = 1), no guard
