@@ -36,7 +36,12 @@ export PIP_ROOT_USER_ACTION=ignore
 step=0
 total=$([ "${1:-}" = "--test" ] && echo 4 || echo 3)
 say() { step=$((step + 1)); printf '[%d/%d] %s\n' "$step" "$total" "$*" >&2; }
-pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+# pip warns (not an error) for each local package folder of this machine's pip configuration that lacks
+# a package; that line is dropped, everything else pip says is passed on.
+pip_install() {
+  "$PY" -m pip install --disable-pip-version-check -q "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 # torch first, pinned: a bare range could pull a multi-GB CUDA build where a CPU build lies on disk.
 if ! "$PY" -c "import torch" 2>/dev/null; then

@@ -394,7 +394,7 @@ def test_guard_scales_keep_the_best_of_removal_and_the_fusion_moved_part_of_the_
     full, _, _ = FuseBlocks(**opts).apply(_ctx(lm), v0)  # the fusion as trained (s = 1), no guard
     got, report, resolved = FuseBlocks(guard_samples=2, guard_scales=[1.0, 0.5, 0.25], **opts).apply(_ctx(lm), v0)
     g = report["per_block"][0]["guard"]
-    assert resolved["guard_scales"] == (1.0, 0.5, 0.25) and set(g["kl_by_scale"]) == {"1.0", "0.5", "0.25"}
+    assert resolved["guard_scales"] == [1.0, 0.5, 0.25] and set(g["kl_by_scale"]) == {"1.0", "0.5", "0.25"}
     blocks = lm.adapter.blocks(lm.model)
     for s in (0.5, 0.25):  # each candidate, rebuilt by hand from the neighbours' own and the fused weights
         cand = v0.with_dropped([2])

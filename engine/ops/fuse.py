@@ -143,6 +143,11 @@ class FuseBlocks(Step):
         if self.loss not in LOSSES:
             raise RecipeError(f"step 'fuse_blocks': 'loss' must be one of {LOSSES}, got {self.loss!r}")
 
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["guard_scales"] = list(self.guard_scales)  # as the recipe's JSON holds it (a list, not a tuple)
+        return d
+
     def apply(self, ctx: OpContext, variant: Variant):
         return fuse_blocks(ctx, variant, self)
 
