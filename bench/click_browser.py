@@ -20,6 +20,27 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 
 
+# Installed before each click: window.__wb gets the mousedown's time (t0), the time the selection line first
+# reads `words` (first) and the time the figures first show the preview of the new selection (done).
+WATCH = """({words, want}) => {
+  const w = window.__wb = {t0: null, first: null, done: null};
+  const fig = document.querySelector('#wb-main-figures'), sel = document.querySelector('#wb-main-selection');
+  document.addEventListener('mousedown', () => { w.t0 = performance.now(); }, {capture: true, once: true});
+  const shown = () => {
+    const text = fig.innerText;
+    return want ? [...fig.querySelectorAll('th')].some(th => th.innerText.includes(want)) : !text.includes('preview');
+  };
+  const check = () => {
+    if (w.t0 === null) return;
+    const now = performance.now();
+    if (w.first === null && sel.innerText.includes(words)) w.first = now;
+    if (w.first !== null && w.done === null && shown()) { w.done = now; obs.disconnect(); }
+  };
+  const obs = new MutationObserver(check);
+  obs.observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,6 +76,7 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--blocks", default="13,14,16,20,5,22,8,26,11,2", help="bars to click, in order (10)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--click-timeout", type=float, default=120, help="seconds to wait for one click's preview")
     ap.add_argument("--scan-timeout", type=float, default=1800, help="seconds to wait for the MI scan")
     args = ap.parse_args()
     import torch
@@ -87,27 +109,32 @@ def main() -> None:
                   f"{wait_idle(store):.0f} s more", flush=True)
             bars = page.locator("#wb-main-chart .bars .point path")
             figures = page.locator("#wb-main-figures")
-            chosen = page.locator("#wb-main-selection")
             first = []  # click -> the selection line redrawn (the event's first update, before the preview)
             selected: list[int] = []
             for b in blocks:
                 selected = sorted(set(selected) ^ {b})
                 want = f"without {', '.join(map(str, selected))}" if selected else None
+                words = f"selected: {', '.join(map(str, selected))}" if selected else "nothing selected"
+                # Timed in the page: the click's mousedown and the first DOM change that shows the selection
+                # line and then the preview, each seen by a MutationObserver (Playwright's own waits poll at
+                # up to 500 ms intervals, which rounded the earlier figures up to the next half second).
+                page.evaluate(WATCH, {"words": words, "want": want})
                 t = time.perf_counter()
                 bars.nth(b).click(force=True)
-                words = f"selected: {', '.join(map(str, selected))}" if selected else "nothing selected"
-                chosen.filter(has_text=words).wait_for(timeout=600_000)
-                first.append(time.perf_counter() - t)
-                if want:
-                    figures.locator("th", has_text=want).wait_for(timeout=600_000)
-                else:
-                    figures.filter(has_not_text="preview").wait_for(timeout=600_000)
-                dt = time.perf_counter() - t
+                try:
+                    page.wait_for_function("window.__wb.done !== null", timeout=args.click_timeout * 1000, polling=50)
+                except Exception as e:  # noqa: BLE001  (say what the page showed, then stop)
+                    raise SystemExit(f"click on block {b}: the preview was not seen within {args.click_timeout:.0f} s "
+                                     f"({type(e).__name__}); page state {page.evaluate('window.__wb')}, selection line "
+                                     f"{page.locator('#wb-main-selection').inner_text()!r}") from None
+                got = page.evaluate("window.__wb")
+                first.append((got["first"] - got["t0"]) / 1000)
+                dt = (got["done"] - got["t0"]) / 1000
                 times.append(dt)
                 kl = figures.locator("tr", has_text="KL to the original").locator("td").nth(2).inner_text().strip()
                 print(f"click block {b:>2}: selection {selected} -> selection line after {first[-1]:.2f} s, "
-                      f"preview KL {kl} shown after {dt:.2f} s "
-                      f"(load average {os.getloadavg()[0]:.2f})", flush=True)
+                      f"preview KL {kl} shown after {dt:.2f} s (seen by Playwright after "
+                      f"{time.perf_counter() - t:.2f} s; load average {os.getloadavg()[0]:.2f})", flush=True)
             browser.close()
     finally:
         demo.close()

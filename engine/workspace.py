@@ -59,6 +59,7 @@ class Workspace:
         self.shared = shared if shared is not None else new_results()  # the original's (shared per model)
         self.guard = guard or contextlib.nullcontext
         self.notify = notify or (lambda msg: log.info("%s", msg))
+        self._last_preview: tuple | None = None  # ((current id, selection), figures) of the last preview
 
     @property
     def original(self) -> Variant:
@@ -262,12 +263,17 @@ class Workspace:
         pend = [b for b in self.pending_set if b in self.current.kept()]
         if not pend:
             return None
+        key = (self.current.id, tuple(sorted(pend)))
         with self.guard():
+            last = self._last_preview  # asked again for the same selection (the page asks ahead): not rerun
+            if last is not None and last[0] == key:
+                return last[1]
             # the last preview's states: a click that adds or removes one block runs from that block on
             memo = self.results.peek(None, "preview_states", ()) or ev.RunMemo()
             res = ev.quick_eval(self.lm, self.current.with_dropped(pend, name="preview"), reference=self.reference(),
                                 memo=memo)
             self.results.put(None, "preview_states", (), memo)  # counted again: the states it now holds
+            self._last_preview = (key, res)
             return res
 
     def full_eval(self, progress=None, cancel=None, max_tokens: int | None = 4096) -> dict:

@@ -14,6 +14,7 @@ time left; Cancel shows only while a job runs; results replace the old ones whol
 from __future__ import annotations
 
 import json
+import threading
 
 import gradio as gr
 
@@ -414,9 +415,26 @@ def wire(ctx) -> None:
             [ctx.tabs, out["heatmap"], out["norms"], out["summary"]], **ctx.heavy)
 
 
+def _ahead(store, sid: str) -> threading.Thread:
+    """Start the selection's preview while the chart and selection travel to the page: the figures' own
+    call then finds it done (an error there is raised again by that call, in words)."""
+    def run():
+        try:
+            store.preview(sid)
+        except Exception:  # noqa: BLE001  (figures_md asks again and reports it)
+            pass
+
+    t = threading.Thread(target=run, name="preview-ahead", daemon=True)
+    t.start()
+    return t
+
+
 def _click_handler(store):
     def on_click(sid: str, chosen: str, scale: str, evt: gr.EventData):
-        yield (*click(store, sid, chosen, scale, int(evt.block)), gr.update())
+        chart, words = click(store, sid, chosen, scale, int(evt.block))
+        ahead = _ahead(store, sid)
+        yield chart, words, gr.update()
+        ahead.join()
         yield gr.update(), gr.update(), figures_md(store, sid)
 
     return on_click

@@ -3,6 +3,7 @@ rule that nothing is cached on the loaded model object."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from workbench.engine import evaluate as ev
@@ -134,3 +135,24 @@ def test_a_preview_runs_from_where_it_differs_from_the_last_and_gives_the_same_f
     got = ev.quick_eval(lm, other, reference=qc, memo=memo)
     assert memo.runs[-1] == 5 and got["kl"] == ev.quick_eval(lm, other, reference=qc)["kl"]
     assert memo.states[:5] == [None] * 5
+
+
+def test_a_preview_asked_again_for_the_same_selection_is_not_rerun(store, sid, monkeypatch):
+    """The page asks for the preview ahead (while the chart travels) and again for the figures: the second
+    ask returns the first's figures without a run; a changed selection or current variant runs again and
+    gives what a fresh evaluation gives."""
+    calls = []
+    real = ev.quick_eval
+    monkeypatch.setattr(ev, "quick_eval", lambda *a, **k: [calls.append(a[1].dropped()), real(*a, **k)][1])
+    store.toggle(sid, 1)
+    first = store.preview(sid)
+    assert store.preview(sid) is first and len(calls) == 1
+    store.toggle(sid, 2)
+    second = store.preview(sid)
+    assert len(calls) == 2 and calls[-1] == [1, 2]
+    fresh = real(store.lm(sid), store.current(sid).with_dropped([1, 2]))
+    assert {k: second[k] for k in ("kl", "top1")} == pytest.approx({k: fresh[k] for k in ("kl", "top1")}, rel=1e-6)
+    store.apply_step(sid, {"op": "prune_blocks", "blocks": [3]})  # a new current variant: asked again, run again
+    store.set_pending(sid, [1, 2])
+    store.preview(sid)
+    assert len(calls) == 3
