@@ -5,7 +5,8 @@ people run on them, wall time and peak memory as a ratio to the checkpoint's byt
 
 Each model is built and saved in bf16 by a child process (once; kept in --workdir), then measured in a
 fresh child process so the memory figures are that process's own: the peak RSS minus the RSS right
-after the imports (torch + transformers alone take 0.4-0.6 GiB), sampled every 20 ms; with --offload
+after the imports (torch + transformers alone take 0.4-0.6 GiB; the architecture's modeling module, which
+transformers imports lazily, counted with them and printed separately), sampled every 20 ms; with --offload
 (weights memory-mapped, --max-memory allowing a quarter of the model beside the working set) the peak
 anonymous RSS (RssAnon), since mapped file pages count in RSS once touched. The machine is shared: the
 load average is printed beside every figure. The vocabulary is the default model's tokenizer's (49152).
@@ -28,7 +29,7 @@ SIZES = {  # hidden, layers, intermediate, heads, kv heads (the issue's shapes)
     "1.1b": (2048, 22, 5632, 32, 4),
     "3b": (3072, 28, 8192, 24, 8),
 }
-JOBS = ("load", "quick", "scan", "rtn", "gptq", "export")
+JOBS = ("load", "quick", "scan", "export", "rtn", "gptq")  # export before the quantizers: its peak is its own
 GiB = 2**30
 
 
@@ -105,27 +106,43 @@ def measure(folder: Path, jobs: list[str], offload: bool) -> dict:
     torch.set_num_threads(2)
     ckpt = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     peak = Peak()
-    key = "RssAnon" if offload else "VmRSS"
-    out = {"checkpoint_bytes": ckpt, "memory": key, "jobs": {}}
+    # "The imports" include the architecture's own transformers module, which transformers imports lazily
+    # at the first load (about 130 MiB of code and its dependencies for Llama): counted as imports, not as
+    # the load's memory. Both figures are printed: "incl. modeling import" adds it back.
+    import importlib
 
-    def job(name, fn):
+    import transformers as tf
+
+    mt = tf.AutoConfig.from_pretrained(folder).model_type
+    before = peak.base
+    importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+    peak.base = peak._read()
+    lazy = {k: peak.base[k] - before[k] for k in before}
+    key = "RssAnon" if offload else "VmRSS"
+    out = {"checkpoint_bytes": ckpt, "memory": key, "jobs": {}, "modeling_import_bytes": lazy[key]}
+    print(f"  the {mt} modeling module's import: {lazy[key] / 2**20:.0f} MiB ({key}), counted with the imports",
+          flush=True)
+
+    def job(name, fn, figures=None):
+        """Run fn() as job `name`; figures(value) -> what it computed, for the --offload run to compare."""
         peak.mark()
         t0 = time.perf_counter()
         value = fn()
         dt = time.perf_counter() - t0
         mem = peak.over_base()
+        if figures is not None:
+            out.setdefault("figures", {})[name] = figures(value)
         out["jobs"][name] = {"seconds": dt, "peak_bytes": mem[key], "ratio": mem[key] / ckpt,
-                             "rss_ratio": mem["VmRSS"] / ckpt, "load": os.getloadavg()[0]}
+                             "rss_ratio": mem["VmRSS"] / ckpt, "ratio_incl_modeling_import": (mem[key] + lazy[key]) / ckpt,
+                             "load": os.getloadavg()[0]}
         print(f"  {name:7s} {dt:8.1f} s  peak {mem[key] / GiB:6.2f} GiB = {mem[key] / ckpt:5.2f}x checkpoint "
-              f"({'RssAnon' if offload else 'RSS'}; RSS {mem['VmRSS'] / ckpt:4.2f}x)  load {os.getloadavg()[0]:.1f}",
-              flush=True)
+              f"({'RssAnon' if offload else 'RSS'}; RSS {mem['VmRSS'] / ckpt:4.2f}x; incl. modeling import "
+              f"{(mem[key] + lazy[key]) / ckpt:4.2f}x)  load {os.getloadavg()[0]:.1f}", flush=True)
         return value
 
     opts = {}
     if offload:
         whole = P.module_bytes  # sizes from the meta model: a quarter of the blocks in RAM
-        import transformers as tf
-
         from workbench.engine.adapters import adapter_for
 
         cfg = tf.AutoConfig.from_pretrained(folder)
@@ -142,22 +159,15 @@ def measure(folder: Path, jobs: list[str], offload: bool) -> dict:
     out["parameters"] = lm.num_params()
     print(f"  plan {lm.plan.kind}: " + "; ".join(lm.plan.lines()[1:3]), flush=True)
     n = lm.num_blocks
+    out["blocks"] = n
     v0 = original_variant(n)
     calib = Calibration(samples=16, seq_len=256)
     if "quick" in jobs:
-        job("quick", lambda: ev.quick_eval(lm, v0.with_dropped([n // 2])))
+        job("quick", lambda: ev.quick_eval(lm, v0.with_dropped([n // 2])), lambda r: [r["kl"], r["top1"]])
     if "scan" in jobs:
         ids = calibration_ids(lm.tokenizer, Calibration(samples=4, seq_len=64))
-        job("scan", lambda: influence.block_scores(lm, v0, ids, metric="mi"))
+        job("scan", lambda: influence.block_scores(lm, v0, ids, metric="mi"), lambda r: r["values"])
     ctx = OpContext(lm=lm, calibration=calib)
-    if "rtn" in jobs:
-        step = step_from_dict({"op": "quantize", "method": "rtn", "bits": 4, "group_size": 128})
-        v = job("rtn", lambda: apply_steps(ctx, v0, [step]))
-        del v
-    if "gptq" in jobs:
-        step = step_from_dict({"op": "quantize", "method": "gptq", "bits": 4, "group_size": 128, "blocks": [0, 1]})
-        v = job("gptq", lambda: apply_steps(ctx, v0, [step]))
-        del v
     if "export" in jobs:
         with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
             def prune_export():
@@ -174,7 +184,52 @@ def measure(folder: Path, jobs: list[str], offload: bool) -> dict:
             out["export_dtype"] = cfg.get("dtype") or cfg.get("torch_dtype")
             print(f"  export {out['export_bytes'] / GiB:.2f} GiB in {out['export_dtype']}, "
                   f"{out['export_vs_expected']:.4f}x the checkpoint minus 2 blocks", flush=True)
+    if "rtn" in jobs:
+        step = step_from_dict({"op": "quantize", "method": "rtn", "bits": 4, "group_size": 128})
+        v = job("rtn", lambda: apply_steps(ctx, v0, [step]), _weight_sums)
+        del v
+    if "gptq" in jobs:
+        step = step_from_dict({"op": "quantize", "method": "gptq", "bits": 4, "group_size": 128, "blocks": [0, 1]})
+        v = job("gptq", lambda: apply_steps(ctx, v0, [step]), _weight_sums)
+        del v
     return out
+
+
+def _weight_sums(variant) -> list[float]:
+    """Per replaced block, the float64 sum of |w| over its floating-point tensors (a fingerprint of the
+    quantized weights: equal under every plan when the quantizer computed the same codes)."""
+    import torch
+
+    out = []
+    for i in sorted(variant.overrides):
+        m = variant.overrides[i]
+        if isinstance(m, torch.nn.Module):
+            out.append(float(sum(t.detach().double().abs().sum() for t in m.state_dict().values() if t.is_floating_point())))
+    return out
+
+
+def compare_figures(ram: dict, offl: dict, rel: float = 1e-4) -> list[str]:
+    """Lines saying, per job, the largest relative difference of the offloaded run's figures to the RAM run's."""
+    lines = []
+    for name, want in ram.get("figures", {}).items():
+        got = offl.get("figures", {}).get(name)
+        if got is None:
+            continue
+        pairs = [(a, b) for a, b in zip(want, got) if a is not None and b is not None]
+        worst = max((abs(a - b) / max(abs(a), 1e-12) for a, b in pairs), default=0.0)
+        lines.append(f"{name}: {len(pairs)} figures, largest relative difference {worst:.1e} "
+                     f"({'within' if worst <= rel else 'NOT within'} {rel:g})")
+    return lines
+
+
+def _read_through(folder: Path) -> float:
+    """Read the checkpoint's files once (into the OS page cache, where later mapped reads find them). -> s"""
+    t0 = time.perf_counter()
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+    return time.perf_counter() - t0
 
 
 def _non_block_bytes(lm) -> int:
@@ -189,6 +244,7 @@ def main() -> None:
     ap.add_argument("--offload", action="store_true", help="weights memory-mapped, a quarter of the model in RAM")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "workbench-scale"))
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--compare-to", default=None, help="an earlier run's --json-out: compare this run's figures to it")
     ap.add_argument("--_build", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -208,7 +264,9 @@ def main() -> None:
         if not (folder / "config.json").is_file():
             print(f"building {size} (random bf16, saved once in {folder})", flush=True)
             subprocess.run([sys.executable, __file__, "--_build", size, "--workdir", str(work)], check=True)
-        print(f"{size}: {'offloaded (weights memory-mapped)' if args.offload else 'in RAM'}; "
+        warm = _read_through(folder)  # the checkpoint in the page cache: the jobs' times are compute, not disk
+        print(f"{size}: {'offloaded (weights memory-mapped)' if args.offload else 'in RAM'}; checkpoint read once "
+              f"into the page cache ({warm:.0f} s); "
               f"load average {os.getloadavg()[0]:.1f}", flush=True)
         cmd = [sys.executable, __file__, "--_measure", size, "--workdir", str(work), "--jobs", ",".join(jobs)]
         p = subprocess.Popen(cmd + (["--offload"] if args.offload else []), stdout=subprocess.PIPE,
@@ -222,10 +280,16 @@ def main() -> None:
             raise SystemExit(f"{size}: the measuring process failed (exit {p.returncode}); run it alone to see why")
     base = None
     for size, r in results.items():  # time per parameter, relative to the smallest model's
-        per = {j: v["seconds"] / r["parameters"] for j, v in r["jobs"].items()}
+        # the scan runs P(P-1)/2 block passes: its time is per parameter x block
+        per = {j: v["seconds"] / r["parameters"] / (r.get("blocks", 1) if j == "scan" else 1) for j, v in r["jobs"].items()}
         base = base or per
-        print(f"{size}: time per parameter vs {next(iter(results))}: "
+        print(f"{size}: time per parameter (scan: per parameter x block) vs {next(iter(results))}: "
               + ", ".join(f"{j} {per[j] / base[j]:.2f}x" for j in per if j in base))
+    if args.compare_to:  # an in-RAM run's JSON: are the figures the same under this plan?
+        ram = json.loads(Path(args.compare_to).read_text())
+        for size, r in results.items():
+            if size in ram:
+                print(f"{size} vs {args.compare_to}: " + "; ".join(compare_figures(ram[size], r)))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
 

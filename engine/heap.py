@@ -37,3 +37,13 @@ def bound_cpu_heap(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
         log.debug("mallopt(M_MMAP_THRESHOLD, %d) refused", threshold)
     _done = ok
     return ok
+
+
+def give_back() -> bool:
+    """Return the heap's free pages to the system now (glibc's malloc_trim(0): the top of every arena and
+    the free pages inside them). For buffers below the mmap threshold, which a free() keeps in the heap:
+    a replacement block moved to disk (spill.py) frees a few MiB per tensor. -> whether glibc did it."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False

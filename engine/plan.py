@@ -30,7 +30,11 @@ from .errors import ModelLoadError
 GiB = 2**30
 # fp32 logits of at most this many bytes exist at once: memory stays bounded whatever the vocabulary
 # (a 262k-vocabulary model's (4, 256, V) logits alone are 1 GiB, and log-softmax makes more of them).
-LOGIT_CHUNK_BYTES = 64 * 2**20
+LOGIT_CHUNK_BYTES = 32 * 2**20  # a chunk's logits, log-softmax and the reference's p: ~3x this at once;
+# 64 MiB gave a bf16 0.4B Llama's quick compare 65 MiB more peak, 16 MiB cost the default model's head+KL ~15 %
+# Tokens per stacked block call of the MI/ppl scans on CPU: 8192 held ~4x the activations and was no faster
+# (default model's MI scan 24-29 s either way; a bf16 0.4B Llama's 8.1 s at 2048 vs 9.5 s; same values).
+SCAN_TOKENS_PER_CALL = 2048
 # Peak process memory of a load over the weights' bytes. 1.48 is the issue's measurement of an fp32 load
 # (the old path); bench/scale.py measures the native-dtype path (see the README) and stays below it.
 LOAD_OVERHEAD = 1.48
@@ -158,7 +162,8 @@ def working_sets(config, dtype: torch.dtype) -> dict[str, int]:
     block = (4 * d * d + 3 * d * ff)  # parameters of one block, about
     return {
         "quick compare": n * 4 * 128 * d * e + 3 * LOGIT_CHUNK_BYTES,
-        "MI scan": 2 * n * 4 * 64 * d * e + 3 * LOGIT_CHUNK_BYTES,
+        # the trace, and one stacked block call of SCAN_TOKENS_PER_CALL tokens (input, q/k/v/out, gate/up/act)
+        "MI scan": 2 * n * 4 * 64 * d * e + SCAN_TOKENS_PER_CALL * (6 * d + 3 * ff) * e + 3 * LOGIT_CHUNK_BYTES,
         "GPTQ": 4 * (3 * d * d + ff * ff) + 2 * 128 * 512 * max(d, ff) * e,
         "fusion": 7 * block * 4 * 4,
     }

@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import BlockIndexError, Cancelled, UnsupportedArchitecture, WorkbenchError
 from ..block_stream import BlockCall, map_call, run_block, trace_blocks
 from ..loading import LoadedModel
+from ..plan import SCAN_TOKENS_PER_CALL
 from ..variant import Variant, block_modules, view_model
 from . import influence_math as im
 
@@ -48,7 +49,7 @@ ITERATIVE = {"mi", "ppl"}  # metrics whose removal plan is recomputed after ever
 # model (30 blocks, 465 block passes) takes well under a minute on a 2-core CPU.
 SCAN_SAMPLES = 4
 SCAN_SEQ_LEN = 64
-CPU_TOKENS_PER_CALL = 8192  # tokens per stacked block call on CPU (bigger batches gain little there)
+CPU_TOKENS_PER_CALL = SCAN_TOKENS_PER_CALL  # tokens per stacked block call on CPU (see plan.py)
 
 
 # ---- the traced variant -------------------------------------------------------------------------

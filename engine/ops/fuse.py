@@ -35,6 +35,7 @@ from .. import fields
 from ..errors import BlockIndexError, RecipeError
 from ..block_stream import Stream, run_block, slice_call, trace_blocks
 from ..recipe import OpContext, Step, register
+from ..spill import keep_like_original
 from ..variant import DROP, Variant, copy_block, current_block, view_model
 from .fuse_linear import COEF_MODES, FuseLinear
 
@@ -265,7 +266,7 @@ def _fuse_one(step: FuseBlocks, ctx: OpContext, variant: Variant, b: int, trace,
     new.overrides[b] = DROP
     new.tags.pop(b, None)
     for j, blk in students:
-        new.overrides[j] = merge_block(lm.adapter, blk)
+        new.overrides[j] = keep_like_original(lm, merge_block(lm.adapter, blk))
         new.tags[j] = "fused"
     guarded = None
     if guard is not None:

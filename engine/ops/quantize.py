@@ -41,6 +41,7 @@ from .. import fields
 from ..errors import RecipeError
 from ..block_stream import BlockCall, HessianStats, Stream, owned_hooks, run_chunked, trace_blocks
 from ..recipe import OpContext, Step, register
+from ..spill import keep_like_original
 from ..variant import DROP, Variant, copy_block
 from . import gptq as solver
 
@@ -356,7 +357,7 @@ def rtn_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme: solv
         src = _source_module(lm, variant, i)
         q_block, per_block[i] = rtn_block(src, lm.adapter, scheme)
         object.__setattr__(q_block, "workbench_quant_source", src)
-        new.overrides[i] = q_block
+        new.overrides[i] = keep_like_original(lm, q_block)  # offloaded plan: on disk like the original's
         new.tags[i] = _tag(scheme.bits, scheme.group_size, scheme.gguf)
     report = _report("rtn", scheme, per_block, 0, sequential=False, true_sequential=False, t0=t0)
     ctx.progress_to(1.0, f"quantize: {len(per_block)} blocks done")
@@ -441,7 +442,7 @@ def quantize_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme:
         q_block, rep = quantize_block(src, lm.adapter, h, trace.calls[i], scheme, method, true_sequential)
         # A plain attribute (not a registered submodule): sizes and state dicts ignore it.
         object.__setattr__(q_block, "workbench_quant_source", src)
-        new.overrides[i] = q_block
+        new.overrides[i] = keep_like_original(lm, q_block)
         new.tags[i] = _tag(scheme.bits, scheme.group_size, scheme.gguf)
         per_block[i] = rep
         if sequential:

@@ -32,6 +32,7 @@ from ..errors import RecipeError
 from ..loading import LoadedModel
 from ..plan import linear_value
 from ..recipe import OpContext, Step, register
+from ..spill import keep_like_original
 from ..variant import Variant, copy_block, current_block, view_model
 
 
@@ -343,6 +344,10 @@ def sparsify(ctx: OpContext, variant: Variant, step: Sparsify):
     ctx.progress_to(0.6, "sparsify: writing pruned copies")
     new, weights = build_pruned(lm, variant, targets, masks, sparse_tag(step.sparsity, step.pattern))
     meas = measured_sparsity(targets, weights)
+    del weights  # views of the copies' tensors, which may now move to disk:
+    for i, m in new.overrides.items():  # offloaded plan: the new blocks on disk like the original's
+        if isinstance(m, nn.Module) and m is not variant.overrides.get(i):
+            keep_like_original(lm, m)
     blocks = sorted({t.block for t in targets})
     from ..adapters.experts import MIN_ROUTED_TOKENS
 
