@@ -126,10 +126,14 @@ def run_stack(model: nn.Module, ids: torch.Tensor, stop_after: nn.Module | None 
 
 
 @torch.no_grad()
-def trace_blocks(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, attention_mask=None) -> BlockTrace:
-    """One forward pass recording each block's input and call arguments (no KV cache, no LM head)."""
+def trace_blocks(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, attention_mask=None,
+                 upto: int | None = None) -> BlockTrace:
+    """One forward pass recording each block's input and call arguments (no KV cache, no LM head). With
+    `upto`, the pass ends after block `upto`: later blocks' inputs stay None and `output` is that block's
+    (for work on the blocks up to it: GPTQ of the first two blocks of a 28-block model ran all 28)."""
     blocks = adapter.blocks(model)
     n = len(blocks)
+    last = n - 1 if upto is None else min(int(upto), n - 1)
     inputs: list = [None] * n
     calls: list = [None] * n
 
@@ -148,7 +152,7 @@ def trace_blocks(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, at
 
     handles = [blk.register_forward_pre_hook(make_pre(i), with_kwargs=True) for i, blk in enumerate(blocks)]
     with owned_hooks(*handles):
-        out = run_stack(model, input_ids, stop_after=blocks[n - 1], attention_mask=attention_mask)
+        out = run_stack(model, input_ids, stop_after=blocks[last], attention_mask=attention_mask)
     return BlockTrace(input_ids=input_ids, inputs=inputs, calls=calls, output=out)
 
 

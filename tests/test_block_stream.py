@@ -197,3 +197,20 @@ def test_point_hooks_read_a_module_input_and_output(tiny_lm):
         torch.testing.assert_close(seen["up_in"], mlp_in, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out, x + seen["o_out"] + block.mlp(mlp_in), rtol=1e-5, atol=1e-6)
     assert torch.equal(seen["block_out"], out)
+
+
+def test_a_trace_up_to_block_k_records_the_full_traces_inputs_up_to_k(tiny_lm):
+    """trace_blocks(upto=k) (GPTQ of the first blocks): the same inputs and call arguments as the full
+    trace for blocks 0..k, nothing after k, and block k's output (checked against running block k)."""
+    lm = tiny_lm("llama", layers=5)
+    ids = torch.randint(0, lm.model.config.vocab_size, (2, 9))
+    full = bs.trace_blocks(lm.model, lm.adapter, ids)
+    part = bs.trace_blocks(lm.model, lm.adapter, ids, upto=2)
+    for i in range(3):
+        assert torch.equal(part.inputs[i], full.inputs[i])
+        assert part.calls[i].kwargs.keys() == full.calls[i].kwargs.keys()
+    assert part.inputs[3:] == [None, None] and part.calls[3:] == [None, None]
+    block2 = lm.adapter.blocks(lm.model)[2]
+    with torch.no_grad():
+        assert torch.equal(part.output, bs.run_block(block2, full.inputs[2], full.calls[2]))
+        assert torch.equal(full.inputs[3], part.output)

@@ -430,7 +430,7 @@ def quantize_blocks(ctx: OpContext, variant: Variant, blocks: list[int], scheme:
     t0 = time.perf_counter()
     ids = ctx.calib_ids()
     ctx.progress_to(0.0, f"quantize: tracing {ids.numel()} calibration tokens")
-    trace = trace_blocks(lm.model, lm.adapter, ids)
+    trace = trace_blocks(lm.model, lm.adapter, ids, upto=max(blocks))  # later blocks' inputs are never read
     # The carrier: each chosen block is calibrated on what the blocks before it (quantized ones included,
     # when sequential) feed it; unchanged blocks before the variant's first change come from the trace.
     stream = Stream(lm, trace, batch=CALIB_BATCH, cancel=ctx.cancel, progress=ctx.progress_to)
