@@ -270,6 +270,37 @@ def test_offloaded_plan_really_offloads(f32_folder, tmp_path):
     assert off.info()["plan"]["kind"] == "offload"
 
 
+@pytest.mark.gpu
+def test_a_map_over_cpu_and_cuda_gives_the_whole_plans_figures(f32_folder, tmp_path):
+    """`cpu` + `cuda:0` (issue 13; runs only where a GPU is present, never run on this project's CPU
+    machine): cuda:0 capped to the resident parts, one block and the working set, the other blocks in
+    CPU RAM and onloaded to the GPU for their turn; quick compare, the MI scan and an RTN step equal the
+    whole CPU plan's to 1e-4 relative."""
+    from workbench.engine.analysis import influence
+    from workbench.engine.data import calibration_ids
+
+    whole = loading.load_model(str(f32_folder), device="cpu")
+    pl = whole.plan
+    block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in whole.adapter.blocks(whole.model))
+    rest = pl.weights_bytes - block * whole.num_blocks
+    cap = int(max(pl.working_set.values()) + (rest + 1.5 * block) * P.LOAD_OVERHEAD)
+    mixed = loading.load_model(str(f32_folder), device="cuda:0", max_memory=f"cuda:0={cap}B,cpu=4GiB",
+                               offload_folder=str(tmp_path / "offload"))
+    assert mixed.plan.kind == "offload" and mixed.plan.compute == "cuda:0"
+    assert set(mixed.plan.block_devices) >= {"cuda:0", "cpu"}, mixed.plan.block_devices
+    ids = calibration_ids(whole.tokenizer, Calibration(samples=2, seq_len=16))
+    out = {}
+    for name, lm in (("whole", whole), ("mixed", mixed)):
+        v0 = original_variant(whole.num_blocks)
+        q = ev.quick_eval(lm, v0.with_dropped([1]))
+        mi = influence.block_scores(lm, v0, ids.to(lm.device), metric="mi")["values"]
+        rtn = apply_steps(OpContext(lm=lm, calibration=Calibration(samples=2, seq_len=16)), v0,
+                          [step_from_dict({"op": "quantize", "method": "rtn", "bits": 4, "group_size": 32, "blocks": [2]})])
+        w = lm.adapter.linears(rtn.overrides[2])["down"].weight.detach().float().cpu()
+        out[name] = {"kl": q["kl"], "top1": q["top1"], "mi": mi, "w": w}
+    _same(out["whole"], out["mixed"], rel=1e-4)
+
+
 def _same(a, b, rel=1e-5, path="result"):
     """Nested results equal: floats to `rel` relative (abs 1e-7), everything else exactly."""
     if isinstance(a, dict):

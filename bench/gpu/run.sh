@@ -18,6 +18,6 @@ if [ "${1:-}" = "scale" ]; then
   exit 0
 fi
 python3 bench/gpu_check.py --json-out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
-R=$PWD; (cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir $R -m gpu $R/tests/test_influence.py $R/tests/test_fuse.py $R/tests/test_views.py $R/tests/test_sparsity.py $R/tests/test_quantize.py) 2>&1 | tail -15 | tee $OUT/pytest_gpu.log
+R=$PWD; (cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir $R -m gpu $R/tests/test_influence.py $R/tests/test_fuse.py $R/tests/test_views.py $R/tests/test_sparsity.py $R/tests/test_quantize.py $R/tests/test_precision_plan.py) 2>&1 | tail -15 | tee $OUT/pytest_gpu.log
 python3 bench/gpu/make_model.py /tmp/smol >/dev/null 2>&1
 timeout 150 python3 bench/influence_scan.py --model /tmp/smol 2>&1 | grep -v -i "loading\|warn" | tail -15 | tee $OUT/influence_scan_gpu.log
