@@ -49,22 +49,22 @@ def spill_block(block: nn.Module, folder: str | Path) -> int:
     files under `folder`. -> bytes moved. Tensors shared by several names are moved once."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    moved: dict[int, torch.Tensor] = {}  # data_ptr -> mapped tensor (ties kept tied)
+    moved: dict[tuple, torch.Tensor] = {}  # the same tensor under several names -> one mapping (ties kept)
     total = 0
 
     def move(t: torch.Tensor) -> torch.Tensor:
         nonlocal total
-        key = t.data_ptr()
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)  # an address alone: a view of another shape
         if key not in moved:
             moved[key] = _spilled(t, folder)
             total += t.numel() * t.element_size()
         return moved[key]
 
     for mod in block.modules():
-        for name, p in list(mod._parameters.items()):
+        for p in mod._parameters.values():
             if p is not None and _worth(p):
                 p.data = move(p.data)
-        for name, b in list(mod._buffers.items()):
+        for name, b in list(mod._buffers.items()):  # replaced in place: a copy of the items
             if b is not None and _worth(b):
                 mod._buffers[name] = move(b)
         rec = getattr(mod, "workbench_quant", None)

@@ -20,19 +20,29 @@ def _is_mmapped(libc, n: int) -> bool:
     return bool(size_field & 0x2)
 
 
-@pytest.mark.skipif(not glibc, reason="glibc's allocator only")
-def test_freed_large_buffers_do_not_raise_the_threshold():
-    """Checked in a fresh interpreter: in this one, earlier tests leave large free chunks in the heap, and
-    malloc serves a request from a free chunk before it considers mmap, whatever the threshold."""
+def _fresh(body: str) -> str:
+    """Run `body` in a fresh interpreter (its heap untouched by other tests), with `libc` set up for
+    `_is_mmapped`. -> its stdout."""
     code = f"""
 import ctypes, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_heap import _is_mmapped
-from workbench.engine.heap import MMAP_THRESHOLD_BYTES, bound_cpu_heap
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
+""" + body
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.strip()
+
+
+@pytest.mark.skipif(not glibc, reason="glibc's allocator only")
+def test_freed_large_buffers_do_not_raise_the_threshold():
+    """Checked in a fresh interpreter: in this one, earlier tests leave large free chunks in the heap, and
+    malloc serves a request from a free chunk before it considers mmap, whatever the threshold."""
+    assert _fresh("""
+from workbench.engine.heap import MMAP_THRESHOLD_BYTES, bound_cpu_heap
 assert bound_cpu_heap()
 # Freeing a 24 MiB mmapped block would lift glibc's dynamic threshold to 24 MiB, after which a
 # 16 MiB buffer comes from the heap; with the threshold fixed at 8 MiB it stays mmapped.
@@ -41,25 +51,13 @@ assert _is_mmapped(libc, 2 * MMAP_THRESHOLD_BYTES)
 assert not _is_mmapped(libc, MMAP_THRESHOLD_BYTES // 4)  # small ones still come from the heap
 assert bound_cpu_heap()  # idempotent
 print("ok")
-"""
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+""") == "ok"
 
 
 @pytest.mark.skipif(not glibc, reason="glibc's allocator only")
 def test_without_the_bound_a_freed_large_buffer_raises_the_threshold():
     """The same probe tells the two cases apart: without bound_cpu_heap, glibc's dynamic threshold rises."""
-    code = f"""
-import ctypes, sys
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_heap import _is_mmapped
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
+    assert _fresh("""
 assert _is_mmapped(libc, 24 << 20)
 print(_is_mmapped(libc, 16 << 20))
-"""
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip() == "False"
+""") == "False"

@@ -4,10 +4,9 @@ loads in the smallest dtype that holds it exactly (measured); fp32 where the num
 from __future__ import annotations
 
 import json
-
-import pytest
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ByteTokenizer
@@ -248,14 +247,19 @@ def f32_folder(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("f32") / "m", layers=4, dtype=torch.float32, seed=3)
 
 
+def _cap(whole, ram_blocks: int = 1) -> int:
+    """Bytes for the resident parts, `ram_blocks` blocks (and half of one more) and the largest working set."""
+    pl = whole.plan
+    block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in whole.adapter.blocks(whole.model))
+    rest = pl.weights_bytes - block * whole.num_blocks
+    return int(max(pl.working_set.values()) + (rest + (ram_blocks + 0.5) * block) * P.LOAD_OVERHEAD)
+
+
 def _offloaded(folder, tmp_path, dtype="auto", ram_blocks=1):
     """The folder loaded under plan (c): RAM for the resident parts and `ram_blocks` blocks, the rest of
     the blocks memory-mapped from the checkpoint; compute on the CPU."""
     whole = loading.load_model(str(folder), device="cpu", dtype=dtype)
-    pl = whole.plan
-    block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in whole.adapter.blocks(whole.model))
-    rest = pl.weights_bytes - block * whole.num_blocks
-    cap = int(max(pl.working_set.values()) + (rest + (ram_blocks + 0.5) * block) * P.LOAD_OVERHEAD)
+    cap = _cap(whole, ram_blocks)
     off = loading.load_model(str(folder), device="cpu", dtype=dtype, max_memory=f"cpu={cap}B",
                              offload_folder=str(tmp_path / "offload"))
     return whole, off
@@ -280,11 +284,7 @@ def test_a_map_over_cpu_and_cuda_gives_the_whole_plans_figures(f32_folder, tmp_p
     from workbench.engine.data import calibration_ids
 
     whole = loading.load_model(str(f32_folder), device="cpu")
-    pl = whole.plan
-    block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in whole.adapter.blocks(whole.model))
-    rest = pl.weights_bytes - block * whole.num_blocks
-    cap = int(max(pl.working_set.values()) + (rest + 1.5 * block) * P.LOAD_OVERHEAD)
-    mixed = loading.load_model(str(f32_folder), device="cuda:0", max_memory=f"cuda:0={cap}B,cpu=4GiB",
+    mixed = loading.load_model(str(f32_folder), device="cuda:0", max_memory=f"cuda:0={_cap(whole)}B,cpu=4GiB",
                                offload_folder=str(tmp_path / "offload"))
     assert mixed.plan.kind == "offload" and mixed.plan.compute == "cuda:0"
     assert set(mixed.plan.block_devices) >= {"cuda:0", "cpu"}, mixed.plan.block_devices
@@ -380,7 +380,7 @@ def test_every_job_under_the_offload_plan_equals_the_whole_plan(f32_folder, tmp_
         assert len(weights) == 7
         folder = Path(off.plan.offload_folder) / spill.SUBFOLDER
         assert all(_in_unlinked_mapping(w, folder) == (name == "offload") for w in weights), name
-        assert not any(folder.iterdir()) if folder.exists() else True  # nothing left behind on disk
+        assert not folder.exists() or not any(folder.iterdir())  # nothing left behind on disk
     _same(out["whole"], out["offload"])
 
 
